@@ -1,0 +1,19 @@
+"""Torch-level core of the extension: compile backends, structure signatures, the graph cache, in-place weight
+binding. Nothing here imports the webui, so all of it is tested without one."""
+
+from .backends import (
+    AUTO,
+    INDUCTOR,
+    KNOWN_BACKENDS,
+    NEXFORT,
+    ONEFLOW,
+    BackendUnavailable,
+    CompileOptions,
+    available_backends,
+    compile_module,
+    resolve_backend,
+)
+from .counters import RecompileLimitWatcher, compiled_graph_count, count_new_graphs
+from .graph_cache import CompiledUNet, GraphCache, GraphEntry, GraphKey, Lookup
+from .signature import StructureSignature, structure_signature
+from .weights import BindReport, bind_weights, data_pointers, tensors_by_name

@@ -1,0 +1,136 @@
+"""Compile backends, all reached through onediff's backend registry.
+
+``onediff.infer_compiler.compile(module, backend=NAME, options=...)`` is the one entry point. onediff ships
+``oneflow`` and ``nexfort``; we register ``inductor`` (plain ``torch.compile``) so the same call works on every
+machine. A backend that cannot run here raises :class:`BackendUnavailable` naming the backend, the reason and
+what to install: a missing backend is never replaced silently by another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import torch
+
+INDUCTOR = "inductor"
+ONEFLOW = "oneflow"
+NEXFORT = "nexfort"
+AUTO = "auto"
+KNOWN_BACKENDS = (INDUCTOR, ONEFLOW, NEXFORT)
+
+_INSTALL_HINTS = {
+    ONEFLOW: "install OneFlow for your CUDA version (see https://github.com/siliconflow/onediff#installation)",
+    NEXFORT: "install nexfort (needs CUDA and torch <= 2.5.1; see onediff's README)",
+    INDUCTOR: "install torch >= 2.1",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A compile backend was asked for but cannot be used on this machine."""
+
+    def __init__(self, backend: str, reason: str):
+        hint = _INSTALL_HINTS.get(backend, f"choose one of {', '.join(KNOWN_BACKENDS)}")
+        super().__init__(f"compile backend '{backend}' is not available: {reason}. To use it, {hint}.")
+        self.backend = backend
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """Options that change the compiled graph; they are part of the graph cache key.
+
+    ``mode`` is torch.compile's mode (None, "max-autotune-no-cudagraphs", ...). ``dynamic`` lets dynamo compile
+    one graph with symbolic batch/height/width instead of one per shape. ``quantization`` names a weight
+    quantization applied before compiling ("" for none).
+    """
+
+    mode: Optional[str] = None
+    dynamic: Optional[bool] = None
+    fullgraph: bool = False
+    quantization: str = ""
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _inductor_backend(torch_module, *, options: Optional[Dict[str, Any]] = None):
+    """torch.compile with inductor. Never with inductor ``freezing``: it turns parameters into constants, and
+    then weights written in place (checkpoint switch, LoRA) are silently ignored by the graph."""
+    import torch._inductor.config as inductor_config
+
+    options = dict(options or {})
+    if options.pop("freezing", False) or inductor_config.freezing:
+        raise ValueError("inductor freezing bakes weights into the graph; in-place weight updates need it off")
+    return torch.compile(
+        torch_module,
+        backend="inductor",
+        mode=options.get("mode"),
+        dynamic=options.get("dynamic"),
+        fullgraph=bool(options.get("fullgraph", False)),
+    )
+
+
+def _register_inductor() -> None:
+    from onediff.infer_compiler.backends import registry
+
+    if INDUCTOR not in registry._BACKENDS:  # registering a name twice raises in onediff
+        registry.register_backend(INDUCTOR)(_inductor_backend)
+
+
+def availability(backend: str) -> Optional[str]:
+    """None when ``backend`` can be used here, else the reason it cannot."""
+    if backend not in KNOWN_BACKENDS:
+        return f"unknown backend (known: {', '.join(KNOWN_BACKENDS)}, or '{AUTO}')"
+    try:
+        from onediff.infer_compiler.backends import registry
+    except Exception as error:  # onediff itself missing or broken
+        return f"onediff cannot be imported ({type(error).__name__}: {error})"
+    if backend == INDUCTOR:
+        _register_inductor()
+        return None
+    try:
+        registry.lookup_backend(backend)
+        if backend == ONEFLOW:
+            import oneflow  # noqa: F401  (onediff imports it lazily, at first compile)
+
+            if not hasattr(oneflow, "nn"):
+                return "the installed 'oneflow' package is a placeholder without OneFlow's native library"
+        if backend == NEXFORT:
+            import nexfort  # noqa: F401
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    if backend in (ONEFLOW, NEXFORT) and not torch.cuda.is_available():
+        return "it needs a CUDA GPU and none is visible"
+    return None
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Every known backend mapped to None (usable) or the reason it is not."""
+    return {name: availability(name) for name in KNOWN_BACKENDS}
+
+
+def resolve_backend(name: str = AUTO) -> str:
+    """The concrete backend for ``name``; ``auto`` picks the best usable one (onediff's own on CUDA first)."""
+    name = (name or AUTO).strip().lower()
+    if name == AUTO:
+        for candidate in (ONEFLOW, NEXFORT, INDUCTOR):
+            if availability(candidate) is None:
+                return candidate
+        raise BackendUnavailable(INDUCTOR, availability(INDUCTOR) or "no backend usable")
+    reason = availability(name)
+    if reason is not None:
+        raise BackendUnavailable(name, reason)
+    return name
+
+
+def compile_module(module: torch.nn.Module, backend: str, options: CompileOptions):
+    """Compile ``module`` with onediff's registry entry for ``backend`` (already resolved)."""
+    from onediff.infer_compiler import compile as onediff_compile
+
+    if backend == INDUCTOR:
+        _register_inductor()
+        backend_options = {"mode": options.mode, "dynamic": options.dynamic, "fullgraph": options.fullgraph}
+    else:
+        backend_options = {"mode": options.mode} if options.mode else None
+    return onediff_compile(module, backend=backend, options=backend_options)

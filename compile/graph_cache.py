@@ -1,0 +1,190 @@
+"""A bounded cache of compiled UNet graphs keyed by structure, backend, options, device and dtype.
+
+Asking for a compiled UNet for a module whose key is cached returns the cached graph with the module's
+weights written in place into the storage that graph captured: a checkpoint switch costs a copy, never a
+compile. A module with another signature (SD1 vs SD2 heads, a 9-channel inpainting UNet, SDXL) never matches
+and gets its own graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .backends import AUTO, CompileOptions, compile_module, resolve_backend
+from .counters import RecompileLimitWatcher, compiled_graph_count
+from .signature import StructureSignature, structure_signature
+from .weights import bind_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphKey:
+    signature: str
+    backend: str
+    options: CompileOptions
+    device: str
+    dtype: str
+
+
+def _device_and_dtype(module: torch.nn.Module):
+    first = next(module.parameters())
+    return str(first.device), str(first.dtype)
+
+
+class CompiledUNet(torch.nn.Module):
+    """The compiled graph as a drop-in module for the eager UNet it was traced from.
+
+    Calls go to the compiled graph; attribute reads the graph does not have (``dtype``, ``in_channels``,
+    config fields) fall through to the eager module. The first call is timed as the compile time, and every
+    graph dynamo compiles after it is counted as a recompile.
+    """
+
+    def __init__(self, entry: "GraphEntry"):
+        super().__init__()
+        self.eager = entry.module
+        self.graph = entry.compiled
+        object.__setattr__(self, "entry", entry)
+
+    def forward(self, *args, **kwargs):
+        entry = self.entry
+        graphs_before = compiled_graph_count()
+        first_call = entry.compile_s is None
+        start = time.perf_counter()
+        output = self.graph(*args, **kwargs)
+        if first_call:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            entry.compile_s = time.perf_counter() - start
+            entry.graphs += compiled_graph_count() - graphs_before
+        else:
+            entry.recompiles += compiled_graph_count() - graphs_before
+        entry.calls += 1
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["eager"], name)
+
+
+@dataclasses.dataclass(eq=False)
+class GraphEntry:
+    """One compiled graph and the module whose tensors it captured."""
+
+    key: GraphKey
+    signature: StructureSignature
+    module: torch.nn.Module
+    compiled: Any
+    created: float = dataclasses.field(default_factory=time.time)
+    compile_s: Optional[float] = None  # filled by the first call
+    graphs: int = 0  # graphs dynamo compiled on the first call
+    recompiles: int = 0  # graphs compiled by later calls (new shapes, changed guards)
+    calls: int = 0
+    reuses: int = 0
+    unet: Optional[CompiledUNet] = None
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "signature": self.signature.short(),
+            "class": self.signature.class_name,
+            "parameters": self.signature.parameter_count,
+            "backend": self.key.backend,
+            "options": self.key.options.as_dict(),
+            "device": self.key.device,
+            "dtype": self.key.dtype,
+            "compile_s": self.compile_s,
+            "graphs": self.graphs,
+            "recompiles": self.recompiles,
+            "calls": self.calls,
+            "reuses": self.reuses,
+        }
+
+
+@dataclasses.dataclass
+class Lookup:
+    """The answer of :meth:`GraphCache.get`: the compiled UNet and what it cost to get it."""
+
+    unet: CompiledUNet
+    entry: GraphEntry
+    reused: bool
+    bind_ms: float
+    copied_tensors: int
+
+    def summary(self) -> str:
+        if self.reused:
+            return f"reused compiled graph {self.entry.signature.short()} (weights bound in {self.bind_ms:.1f} ms)"
+        return f"compiling a new graph {self.entry.signature.short()} with {self.entry.key.backend}"
+
+
+class GraphCache:
+    """Compiled graphs by :class:`GraphKey`, least recently used first out beyond ``max_graphs``.
+
+    Each entry keeps the module it compiled, because the graph reads that module's tensors; evicting an
+    entry releases both.
+    """
+
+    def __init__(self, max_graphs: int = 2):
+        if max_graphs < 1:
+            raise ValueError("max_graphs must be at least 1")
+        self.max_graphs = max_graphs
+        self._entries: "collections.OrderedDict[GraphKey, GraphEntry]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.compiles = 0
+        self.reuses = 0
+        self.evictions = 0
+        self.recompile_limit_watcher = RecompileLimitWatcher.install()
+
+    def key_for(self, module: torch.nn.Module, backend: str = AUTO, options: Optional[CompileOptions] = None):
+        signature = structure_signature(module)
+        device, dtype = _device_and_dtype(module)
+        key = GraphKey(signature.digest, resolve_backend(backend), options or CompileOptions(), device, dtype)
+        return key, signature
+
+    def get(
+        self, module: torch.nn.Module, backend: str = AUTO, options: Optional[CompileOptions] = None
+    ) -> Lookup:
+        """The compiled UNet for ``module``: cached (weights bound in place) or newly compiled (lazily: the
+        graph is built on its first call, timed in ``entry.compile_s``)."""
+        key, signature = self.key_for(module, backend, options)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                report = bind_weights(module, entry.module)
+                entry.reuses += 1
+                self.reuses += 1
+                return Lookup(entry.unet, entry, True, report.bind_ms, report.copied)
+            compiled = compile_module(module, key.backend, key.options)
+            entry = GraphEntry(key=key, signature=signature, module=module, compiled=compiled)
+            entry.unet = CompiledUNet(entry)
+            self._entries[key] = entry
+            self.compiles += 1
+            while len(self._entries) > self.max_graphs:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+            return Lookup(entry.unet, entry, False, 0.0, 0)
+
+    def entries(self) -> List[GraphEntry]:
+        return list(self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def status(self) -> Dict[str, Any]:
+        """Everything a status page needs, JSON-able."""
+        return {
+            "max_graphs": self.max_graphs,
+            "compiles": self.compiles,
+            "reuses": self.reuses,
+            "evictions": self.evictions,
+            "recompiles": sum(entry.recompiles for entry in self._entries.values()),
+            "recompile_limit_hits": list(self.recompile_limit_watcher.messages),
+            "graphs": [entry.describe() for entry in self._entries.values()],
+        }
