@@ -95,7 +95,9 @@ def build_unet(config: Dict[str, Any], seed: int = 0, dtype=torch.float32, devic
         unet = UNet2DConditionModel(**config)
     finally:
         torch.random.set_rng_state(generator_state)
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if dtype != unet.dtype:
+        unet = unet.to(dtype=dtype)
+    return unet.to(device=device).eval().requires_grad_(False)
 
 
 def build_preset(preset: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu", **overrides: Any):

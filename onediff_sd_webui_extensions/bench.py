@@ -1,0 +1,199 @@
+"""``python -m onediff_sd_webui_extensions bench``: what compilation buys, measured, without a webui.
+
+It builds a UNet (a deterministic random-weight preset, or the UNet of an A1111 ``.safetensors`` checkpoint),
+times eager and compiled denoising calls on the same inputs, checks that they agree, and then switches to a
+second model of the same structure (served by the cached graph, weights written in place: no new graph) and to
+one of another structure (a 9-channel inpainting variant: never served by that graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator
+
+import torch
+
+from compile import BackendUnavailable, CompileOptions, GraphCache, count_new_graphs, resolve_backend
+from compile.models import PRESET_LATENT, PRESETS, build_preset, example_inputs, load_checkpoint_unet
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(call: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> float:
+    """Median wall time of ``call`` in ms, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    _synchronize(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def progress(label: str, every_s: float = 5.0) -> Iterator[None]:
+    """Print '<label> ... N s' every few seconds while the block runs (compiles are long and silent)."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def report() -> None:
+        while not done.wait(every_s):
+            print(f"  {label} ... {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    print(f"  {label} ...", file=sys.stderr, flush=True)
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _perturbed_copy(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A new module object of the same structure with other weights (stands in for a second checkpoint)."""
+    import copy
+
+    other = copy.deepcopy(unet)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            noise = torch.randn(parameter.shape, generator=generator).to(parameter.device, parameter.dtype)
+            parameter.add_(noise * 0.02)
+    return other
+
+
+def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    backend = resolve_backend(args.backend)
+    options = CompileOptions(mode=args.mode)
+    torch.set_grad_enabled(False)
+
+    if args.checkpoint:
+        unet, model_name = load_checkpoint_unet(args.checkpoint, dtype=dtype, device=device)
+        second = _perturbed_copy(unet, seed=1)
+        latent = args.latent or 64
+        other_config = dict(unet.config, in_channels=9)
+        from compile.models import build_unet
+
+        other = build_unet(dict(other_config), seed=2, dtype=dtype, device=device)
+    else:
+        model_name = f"preset:{args.preset}"
+        unet = build_preset(args.preset, seed=0, dtype=dtype, device=device)
+        second = build_preset(args.preset, seed=1, dtype=dtype, device=device)
+        other = build_preset(args.preset, seed=2, dtype=dtype, device=device, in_channels=9)
+        latent = args.latent or PRESET_LATENT[args.preset]
+    inputs = example_inputs(unet, batch=args.batch, latent=latent)
+    print(f"model {model_name} on {device} ({dtype}), backend {backend}, batch {args.batch}, latent {latent}",
+          file=sys.stderr)
+
+    eager_ms = median_ms(lambda: inputs.call(unet), device, args.warmup, args.repeat)
+    eager_output = inputs.call(unet)
+
+    cache = GraphCache(max_graphs=2)
+    lookup = cache.get(unet, backend, options)
+    with progress(f"compiling with {backend} (one time per structure)"):
+        compiled_output = inputs.call(lookup.unet)
+    compile_s = lookup.entry.compile_s
+    compiled_ms = median_ms(lambda: inputs.call(lookup.unet), device, args.warmup, args.repeat)
+
+    # Checkpoint switch: the second model's weights go into the captured storage; eager reference first,
+    # because binding points the second model's parameters at that storage.
+    second_eager = inputs.call(second)
+    with count_new_graphs() as switch_graphs:
+        switched = cache.get(second, backend, options)
+        second_compiled = inputs.call(switched.unet)
+    refused = cache.get(other, backend, options)  # lazily compiled: never called here
+
+    report = {
+        "model": model_name,
+        "backend": backend,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "eager_ms": round(eager_ms, 3),
+        "compiled_ms": round(compiled_ms, 3),
+        "speedup": round(eager_ms / compiled_ms, 3),
+        "compile_s": round(compile_s, 2),
+        "max_abs_diff": _max_abs_diff(compiled_output, eager_output),
+        "switch": {
+            "same_structure": {
+                "reused": switched.reused,
+                "new_graphs": switch_graphs.new_graphs,
+                "bind_ms": round(switched.bind_ms, 3),
+                "max_abs_diff": _max_abs_diff(second_compiled, second_eager),
+            },
+            "other_structure": {"reused": refused.reused},
+        },
+    }
+    return report
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    same = report["switch"]["same_structure"]
+    rows = [
+        ("model", report["model"]),
+        ("device / dtype", f"{report['device']} / {report['dtype']}  (torch {report['torch']})"),
+        ("backend", report["backend"]),
+        ("eager step", f"{report['eager_ms']:.2f} ms"),
+        ("compiled step", f"{report['compiled_ms']:.2f} ms"),
+        ("speed-up", f"{report['speedup']:.2f}x"),
+        ("first call (compile)", f"{report['compile_s']:.1f} s"),
+        ("compiled vs eager", f"max abs diff {report['max_abs_diff']:.2e}"),
+        ("switch, same structure", f"reused={same['reused']}, new graphs {same['new_graphs']}, "
+                                   f"bind {same['bind_ms']:.1f} ms, max abs diff {same['max_abs_diff']:.2e}"),
+        ("switch, other structure", f"reused={report['switch']['other_structure']['reused']} "
+                                    "(9-channel inpainting UNet gets its own graph)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="random-weight UNet to build (default: tiny, compiles in about a minute on a CPU)")
+    source.add_argument("--checkpoint", help="an A1111 .safetensors checkpoint to take the UNet from (offline)")
+    parser.add_argument("--backend", default="auto", help="auto, inductor, oneflow or nexfort (default: auto)")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+                        help="auto: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
+    parser.add_argument("--latent", type=int, default=None, help="latent size (image size / 8)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = run_bench(args)
+    except (BackendUnavailable, FileNotFoundError, ValueError) as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,95 @@
+"""The graph cache against eager execution, counting graphs with torch's own dynamo counters."""
+
+import pytest
+import torch
+
+from compile import CompileOptions, count_new_graphs, data_pointers
+from compile.models import build_preset
+
+TOLERANCE = 1e-4  # fp32
+
+
+def max_abs_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture
+def restore_tiny_weights(graph_cache, tiny_sd15):
+    """Tests below write other weights into the shared graph; put the seed-0 weights back afterwards."""
+    yield
+    graph_cache.get(build_preset("tiny", seed=0), "inductor")
+
+
+def test_compiled_matches_eager_sd15_shape(tiny_sd15):
+    eager = tiny_sd15.inputs.call(tiny_sd15.unet)
+    assert max_abs_diff(tiny_sd15.first_output, eager) <= TOLERANCE
+    assert tiny_sd15.lookup.entry.compile_s > 0 and tiny_sd15.lookup.entry.graphs >= 1
+
+
+def test_compiled_matches_eager_sdxl_shape(tiny_sdxl):
+    assert tiny_sdxl.unet.config.addition_embed_type == "text_time"
+    eager = tiny_sdxl.inputs.call(tiny_sdxl.unet)
+    assert max_abs_diff(tiny_sdxl.first_output, eager) <= TOLERANCE
+
+
+def test_same_structure_switch_reuses_graph_with_new_weights(graph_cache, tiny_sd15, restore_tiny_weights):
+    second = build_preset("tiny", seed=7)
+    expected = tiny_sd15.inputs.call(second)  # eager, on the second model's own weights
+    pointers = data_pointers(tiny_sd15.unet)
+
+    with count_new_graphs() as counted:
+        lookup = graph_cache.get(second, "inductor")
+        output = tiny_sd15.inputs.call(lookup.unet)
+
+    assert lookup.reused and lookup.entry is tiny_sd15.lookup.entry
+    assert counted.new_graphs == 0
+    assert max_abs_diff(output, expected) <= TOLERANCE
+    assert max_abs_diff(output, tiny_sd15.first_output) > 100 * TOLERANCE  # the new weights really are used
+    assert data_pointers(tiny_sd15.unet) == pointers
+
+
+def test_in_place_reload_into_the_same_object_needs_no_rebind(graph_cache, tiny_sd15, restore_tiny_weights):
+    """What A1111 does for a checkpoint with the same config: load_state_dict into the live model."""
+    tiny_sd15.unet.load_state_dict(build_preset("tiny", seed=9).state_dict())
+    expected = tiny_sd15.inputs.call(tiny_sd15.unet)
+    with count_new_graphs() as counted:
+        lookup = graph_cache.get(tiny_sd15.unet, "inductor")
+        output = tiny_sd15.inputs.call(lookup.unet)
+    assert lookup.reused and lookup.copied_tensors == 0 and counted.new_graphs == 0
+    assert max_abs_diff(output, expected) <= TOLERANCE
+
+
+def test_other_structure_is_never_served_by_the_cached_graph(graph_cache, tiny_sd15):
+    before = {name: t.clone() for name, t in tiny_sd15.unet.state_dict().items()}
+    for overrides in ({"in_channels": 9}, {"attention_head_dim": 4}):
+        other = build_preset("tiny", seed=3, **overrides)
+        lookup = graph_cache.get(other, "inductor")  # compiled lazily; not called here
+        assert not lookup.reused and lookup.entry is not tiny_sd15.lookup.entry
+        assert lookup.entry.key.signature != tiny_sd15.lookup.entry.key.signature
+    for name, tensor in tiny_sd15.unet.state_dict().items():  # nothing was written into the 4-channel graph
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_options_and_dtype_are_part_of_the_key(graph_cache, tiny_sd15):
+    key, _ = graph_cache.key_for(tiny_sd15.unet, "inductor")
+    other_options, _ = graph_cache.key_for(tiny_sd15.unet, "inductor", CompileOptions(mode="max-autotune"))
+    half, _ = graph_cache.key_for(build_preset("tiny", dtype=torch.float16), "inductor")
+    assert key == tiny_sd15.lookup.entry.key
+    assert len({key, other_options, half}) == 3
+
+
+def test_cache_is_bounded_and_reports_what_it_did():
+    from compile import GraphCache
+
+    cache = GraphCache(max_graphs=1)
+    first = cache.get(build_preset("tiny"), "inductor")
+    cache.get(build_preset("tiny", in_channels=9), "inductor")
+    assert [entry.key for entry in cache.entries()] != [first.entry.key]
+    status = cache.status()
+    assert status["compiles"] == 2 and status["evictions"] == 1 and len(status["graphs"]) == 1
+
+
+def test_compiled_unet_exposes_the_eager_modules_attributes(tiny_sd15):
+    assert tiny_sd15.compiled.config.in_channels == 4
+    assert tiny_sd15.compiled.dtype == torch.float32
+

@@ -1,0 +1,36 @@
+"""The bench CLI as a user runs it, in its own process, reading back its JSON report."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_cli_writes_the_documented_report(tmp_path):
+    report_path = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "onediff_sd_webui_extensions", "bench", "--warmup", "1", "--repeat", "2",
+         "--json", str(report_path)],
+        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "speed-up" in completed.stdout and "compiling with inductor" in completed.stderr
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "preset:tiny" and report["backend"] == "inductor" and report["device"] == "cpu"
+    assert report["eager_ms"] > 0 and report["compiled_ms"] > 0 and report["compile_s"] > 0
+    assert abs(report["speedup"] - report["eager_ms"] / report["compiled_ms"]) < 0.01
+    assert report["max_abs_diff"] <= 1e-4
+    same = report["switch"]["same_structure"]
+    assert same["reused"] is True and same["new_graphs"] == 0 and same["max_abs_diff"] <= 1e-4
+    assert report["switch"]["other_structure"] == {"reused": False}
+
+
+def test_bench_rejects_a_missing_checkpoint_clearly(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "onediff_sd_webui_extensions", "bench", "--checkpoint", str(tmp_path / "x.safetensors")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "bench: error: checkpoint not found" in completed.stderr and "Traceback" not in completed.stderr
