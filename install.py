@@ -1,7 +1,8 @@
 """Install the extension's dependencies (requirements.txt), never touching an installed torch.
 
-Inside AUTOMATIC1111's webui this file runs at start-up, before the UI, with the webui's ``launch`` module:
-missing packages are installed with ``launch.run_pip`` and an existing install costs one import check.
+AUTOMATIC1111's webui runs this file at start-up, before the UI, as ``python install.py`` with its own root on
+PYTHONPATH, so its ``launch`` module imports: missing packages are then installed with ``launch.run_pip`` and
+an existing install costs one metadata check.
 Standalone (``python install.py [--test]``) it does the same with pip, for the bench and the tests; if no
 torch is present at all it installs the version this project is tested with (``ONEDIFF_TORCH_SPEC``).
 """
@@ -17,14 +18,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TORCH_SPEC = "torch==2.13.0"
 
 
-def requirements(include_test=False):
-    """(distribution name, requirement line) for each line of requirements.txt."""
+def requirements(include_test=False, in_webui=False):
+    """(distribution name, requirement line) for each line of requirements.txt; lines marked ``# test`` only
+    with ``include_test``, lines marked ``# webui`` only inside the webui."""
     found = []
     with open(os.path.join(HERE, "requirements.txt")) as handle:
         for raw in handle:
             line, _, comment = raw.partition("#")
             line = line.strip()
-            if not line or (comment.strip() == "test" and not include_test):
+            marker = comment.strip()
+            if not line or (marker == "test" and not include_test) or (marker == "webui" and not in_webui):
                 continue
             found.append((re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0], line))
     return found
@@ -38,20 +41,24 @@ def _installed(name):
         return False
 
 
-def _satisfied(line):
+def _satisfied(line, is_installed=_installed):
     """Installed at a version the requirement line accepts ('packaging' ships with pip and setuptools)."""
     name = re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0]
-    if not _installed(name):
+    if not is_installed(name):
         return False
     try:
         from packaging.requirements import Requirement
-    except ImportError:
-        return True
-    return Requirement(line).specifier.contains(importlib.metadata.version(name), prereleases=True)
+
+        version = importlib.metadata.version(name)
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        return True  # importable but without packaging or metadata (a source checkout): trust it
+    return Requirement(line).specifier.contains(version, prereleases=True)
 
 
-def missing(include_test=False):
-    return [line for name, line in requirements(include_test) if name != "torch" and not _satisfied(line)]
+def missing(include_test=False, in_webui=False, is_installed=_installed):
+    """Requirement lines to install: absent or at a version outside the line's range; never torch."""
+    lines = requirements(include_test, in_webui)
+    return [line for name, line in lines if name != "torch" and not _satisfied(line, is_installed)]
 
 
 def _pin_torch_file():
@@ -62,10 +69,8 @@ def _pin_torch_file():
     return pin.name
 
 
-def install_in_webui():
-    import launch  # the webui's module; only present when the webui runs this file
-
-    todo = missing()
+def install_in_webui(launch):
+    todo = missing(in_webui=True, is_installed=launch.is_installed)
     if not todo:
         return
     constraints = _pin_torch_file()
@@ -88,6 +93,9 @@ def install_standalone(include_test=False):
 
 
 if __name__ == "__main__":
-    install_standalone(include_test="--test" in sys.argv[1:])
-else:
-    install_in_webui()
+    try:
+        import launch  # the webui's module, importable only when the webui runs this file
+    except ImportError:
+        install_standalone(include_test="--test" in sys.argv[1:])
+    else:
+        install_in_webui(launch)
