@@ -268,6 +268,7 @@ class LoraFuser:
     def __init__(self, unet: torch.nn.Module, backup_on_device: Optional[bool] = None):
         self.unet = unet
         self.module_names = kohya_module_names(unet)
+        self.modules = dict(unet.named_modules())  # looked up once: get_submodule per fuse costs more than the math
         self.backup_on_device = backup_on_device  # None: decide from free device memory
         self.backups: Dict[str, torch.Tensor] = {}  # "<module>.weight"/"<module>.bias" -> original values
         self.fused: Dict[str, Tuple[Tuple[int, float], ...]] = {}  # module -> ((network uid, multiplier), ...)
@@ -327,7 +328,7 @@ class LoraFuser:
         restores: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (target, backup)
         low_rank: Dict[Tuple, List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for module_name in changed:
-            module = self.unet.get_submodule(module_name)
+            module = self.modules[module_name]
             contributions = wanted.get(module_name, [])
             weight_backup = self._backup(module_name + ".weight", module.weight, keep=bool(contributions))
             bias_deltas = [(net.modules[module_name].bias, mult) for net, mult in contributions
@@ -378,7 +379,7 @@ class LoraFuser:
     def _check_biases(self, changed: Iterable[str], wanted) -> None:
         for module_name in changed:
             for network, _ in wanted.get(module_name, []):
-                if network.modules[module_name].bias is not None and self.unet.get_submodule(module_name).bias is None:
+                if network.modules[module_name].bias is not None and self.modules[module_name].bias is None:
                     raise LoraError(
                         f"LoRA '{network.name}' has a bias delta for '{module_name}', which has no bias. A compiled "
                         "graph cannot see a bias added after it was traced, so this LoRA is not fused (nothing was "
