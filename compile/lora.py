@@ -4,11 +4,12 @@ A compiled graph reads the weights from the tensors it captured, so a LoRA must 
 tensors: ``copy_`` only, data pointers unchanged, never a new Parameter. :class:`LoraFuser` does that:
 
 - before a weight is first changed it keeps a backup of it (on the weight's device when memory allows), and
-  every fuse writes ``backup + sum(multiplier * alpha / rank * up @ down)`` into the weight in one ``copy_``.
-  Weights are never "un-added", so nothing drifts: removing every LoRA copies the backups back bit for bit;
-- only modules whose set of (LoRA, multiplier) changed are written, and the deltas of modules with the same
-  shapes are computed together in one batched matmul (several LoRAs on one module are one matmul too:
-  ``[s1*up1 | s2*up2] @ [down1; down2]``);
+  every fuse writes ``backup + sum(multiplier * alpha / rank * up @ down)`` into the weight. Weights are never
+  "un-added", so nothing drifts: removing every LoRA copies the backups back bit for bit;
+- only modules whose set of (LoRA, multiplier) changed are written. Each is one GEMM for all its LoRAs
+  (``backup + [s1*up1 | s2*up2] @ [down1; down2]``) whose output is the weight itself (``addmm(out=)``), so
+  the weight is read and written once; restores are one ``_foreach_copy_``. (Stacking same-shape modules
+  into one batched matmul was measured 2x slower on CPU: it needs stacked copies in and out.)
 - a bias delta (LyCORIS ``diff_b``) for a layer without a bias is refused before anything is written: the
   graph has no tensor to hold it, and adding a Parameter would be invisible to it (or recompile it).
 
@@ -40,9 +41,6 @@ _KNOWN_PARTS = (_DOWN, _UP, _ALPHA, _BIAS)
 ATTENTION_AND_FF_SUFFIXES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                              "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                              "ff.net.0.proj", "ff.net.2")
-
-# Delta elements computed per batched matmul (bounds the temporary memory of a fuse).
-_BATCH_ELEMENTS = 64 * 1024 * 1024
 
 
 class LoraError(ValueError):
@@ -129,7 +127,7 @@ class LoraModuleDelta:
     """One module's low-rank delta, ready to fuse: ``delta = up @ down`` reshaped to the weight's shape.
 
     ``up`` already carries ``alpha / rank``; both are 2-D (conv LoRAs are flattened: a 3x3 down becomes
-    ``(rank, in * 9)``), in float32 on the UNet's device.
+    ``(rank, in * 9)``), on the UNet's device in the dtype the fuse computes in (:func:`compute_dtype`).
     """
 
     up: torch.Tensor
@@ -138,6 +136,12 @@ class LoraModuleDelta:
 
 
 _network_ids = itertools.count(1)
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype deltas are computed in: the weight's on GPUs (their half GEMMs accumulate in float32 and round
+    once), float32 on CPUs (where half GEMMs are slow and not guaranteed to accumulate in float32)."""
+    return weight.dtype if weight.device.type == "cuda" else torch.float32
 
 
 @dataclasses.dataclass(eq=False)
@@ -216,8 +220,9 @@ def load_kohya_lora(
             raise LoraError(f"LoRA '{name}': {prefix} has only one of lora_down/lora_up")
         if _DOWN not in parts:
             continue  # a bare alpha or bias entry with no low-rank pair is not a delta
-        down = parts[_DOWN].to(device=first.device, dtype=torch.float32)
-        up = parts[_UP].to(device=first.device, dtype=torch.float32)
+        dtype = compute_dtype(weight)
+        down = parts[_DOWN].to(device=first.device, dtype=dtype)
+        up = parts[_UP].to(device=first.device, dtype=dtype)
         rank = down.shape[0]
         down = down.reshape(rank, -1)
         up = up.reshape(up.shape[0], -1)
@@ -326,7 +331,6 @@ class LoraFuser:
         self._check_biases(changed, wanted)
 
         restores: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (target, backup)
-        low_rank: Dict[Tuple, List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for module_name in changed:
             module = self.modules[module_name]
             contributions = wanted.get(module_name, [])
@@ -346,21 +350,10 @@ class LoraFuser:
             deltas = [net.modules[module_name] for net, _ in contributions]
             up = torch.cat([d.up * mult for d, (_, mult) in zip(deltas, contributions)], dim=1)
             down = torch.cat([d.down for d in deltas], dim=0)
-            low_rank.setdefault((tuple(up.shape), tuple(down.shape)), []).append((module.weight, weight_backup, up, down))
+            _write_low_rank(module.weight, weight_backup, up, down)
 
         if restores:
             torch._foreach_copy_([t for t, _ in restores], [s.to(t.device, non_blocking=True) for t, s in restores])
-        for (up_shape, down_shape), items in low_rank.items():
-            per_item = up_shape[0] * down_shape[1]
-            step = max(1, _BATCH_ELEMENTS // per_item)
-            for first in range(0, len(items), step):
-                chunk = items[first:first + step]
-                weights = [w for w, _, _, _ in chunk]
-                device = weights[0].device
-                backups = torch.stack([b.to(device, torch.float32).reshape(b.shape[0], -1) for _, b, _, _ in chunk])
-                # backup + up @ down for every module of the chunk in one batched matmul, then one write each.
-                merged = torch.baddbmm(backups, torch.stack([u for _, _, u, _ in chunk]), torch.stack([d for _, _, _, d in chunk]))
-                torch._foreach_copy_(weights, [m.view(w.shape) for m, w in zip(merged.unbind(0), weights)])
 
         for module_name in changed:
             if module_name in wanted_keys:
@@ -401,6 +394,15 @@ class LoraFuser:
         free, _ = torch.cuda.mem_get_info(tensor.device)
         # Leave room for the batched deltas and for sampling itself.
         return tensor.device if free > tensor.numel() * tensor.element_size() + 2 * 1024 ** 3 else torch.device("cpu")
+
+
+def _write_low_rank(weight: torch.Tensor, backup: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    """``weight = backup + up @ down`` in place; straight into the weight's storage when dtypes allow."""
+    backup_2d = backup.reshape(backup.shape[0], -1)
+    if weight.is_contiguous() and backup.device == weight.device and weight.dtype == up.dtype:
+        torch.addmm(backup_2d, up, down, out=weight.view(weight.shape[0], -1))
+    else:
+        weight.copy_(torch.addmm(backup_2d.to(up.device, up.dtype), up, down).view(weight.shape))
 
 
 # --------------------------------------------------------------------------------------------------------------
