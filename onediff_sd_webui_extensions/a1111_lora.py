@@ -147,6 +147,27 @@ def apply_networks_to_unet(unet: torch.nn.Module, captured: Optional[torch.nn.Mo
     return report
 
 
+def forget_backups(unet: torch.nn.Module, networks: Optional[Any] = None) -> int:
+    """Forget the extension's LoRA backups and applied-set on ``unet``'s modules; returns how many held one.
+
+    Call it only right after clean checkpoint weights were written into ``unet`` *without*
+    ``load_state_dict`` (e.g. by the graph cache binding another model's weights into captured storage):
+    ``load_state_dict`` already does this through the extension's ``_load_from_state_dict`` patches, and
+    otherwise the next application would restore the previous checkpoint's weights from stale backups.
+    """
+    networks = networks if networks is not None else lora_extension()
+    forgotten = 0
+    for _, module in unet_lora_modules(unet):
+        forgotten += getattr(module, "network_weights_backup", None) is not None
+        if networks is not None and hasattr(networks, "network_reset_cached_weight"):
+            networks.network_reset_cached_weight(module)
+        else:  # what the extension's network_reset_cached_weight does
+            module.network_current_names = ()
+            module.network_weights_backup = None
+            module.network_bias_backup = None
+    return forgotten
+
+
 def _owner_in(module: torch.nn.Module, name: str, relative: str) -> torch.nn.Module:
     owner = module.get_submodule(name)
     return owner.out_proj if relative.startswith("out_proj.") else owner

@@ -20,6 +20,7 @@ from onediff_sd_webui_extensions.a1111_lora import (
     PATCHED_CLASSES,
     A1111LoraState,
     apply_networks_to_unet,
+    forget_backups,
     original_forwards,
     unet_lora_modules,
 )
@@ -64,6 +65,11 @@ def make_lora_extension():
         module.network_current_names = wanted
 
     ext.network_apply_weights = network_apply_weights
+
+    def network_reset_cached_weight(module):
+        module.network_current_names, module.network_weights_backup, module.network_bias_backup = (), None, None
+
+    ext.network_reset_cached_weight = network_reset_cached_weight
     for name, cls in PATCHED_CLASSES:
         original = cls.forward
 
@@ -197,6 +203,23 @@ def test_separate_eager_module_is_copied_into_captured_storage(lora_extension):
     lora_extension.loaded_networks[:] = []  # now shared: restoring reaches the captured storage directly
     assert apply_networks_to_unet(unet, captured=captured, networks=lora_extension).copied_into_captured == []
     assert _same_tensors(captured, pristine)
+
+
+def test_forget_backups_after_weights_written_behind_the_extensions_back(lora_extension):
+    """The graph cache copies another checkpoint into the captured tensors with ``copy_`` (not
+    ``load_state_dict``): after ``forget_backups`` removing the LoRA gives the new checkpoint, not the old."""
+    unet = build_preset("tiny")
+    new_checkpoint = build_preset("tiny", seed=5)
+    name_modules(unet)
+    lora_extension.loaded_networks[:] = [random_network(unet, "a", 1.0, seed=6)]
+    apply_networks_to_unet(unet, networks=lora_extension)
+    with torch.no_grad():
+        for name, tensor in tensors_by_name(unet).items():
+            tensor.copy_(tensors_by_name(new_checkpoint)[name])
+    assert forget_backups(unet, lora_extension) == len(unet_lora_modules(unet))
+    lora_extension.loaded_networks[:] = []
+    apply_networks_to_unet(unet, networks=lora_extension)
+    assert _same_tensors(unet, new_checkpoint)
 
 
 def test_compiled_unet_runs_original_forwards_and_never_recompiles(tiny_sd15, lora_extension):
