@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import sys
 import threading
 import time
@@ -43,6 +44,7 @@ PATCHED_CLASSES: Tuple[Tuple[str, type], ...] = (
     ("MultiheadAttention", torch.nn.MultiheadAttention),
 )
 HANDLED_MODULE_TYPES = tuple(cls for _, cls in PATCHED_CLASSES)
+_X_PROJ = re.compile(r"_(q|k|v|out)_proj$")
 
 # One compiled call at a time swaps the class attributes; re-entrant so nested use on one thread is a no-op.
 _FORWARD_SWAP_LOCK = threading.RLock()
@@ -101,7 +103,9 @@ def apply_networks_to_unet(unet: torch.nn.Module, captured: Optional[torch.nn.Mo
 
     ``captured`` is the module whose tensors the compiled graph reads (default: ``unet`` itself); tensors the
     extension replaced instead of writing are copied into it. Modules whose network set is unchanged are not
-    touched (``network_apply_weights`` checks that itself), so calling this before every job is cheap.
+    touched (``network_apply_weights`` checks that itself), so calling this before every job is cheap. Modules
+    no loaded network names and that carry nothing applied are skipped: the extension would only back them
+    up (a CPU copy of every UNet weight, most of its ~700 ms) and leave them unchanged.
     """
     networks = networks if networks is not None else lora_extension()
     report = LoraApplyReport()
@@ -116,9 +120,12 @@ def apply_networks_to_unet(unet: torch.nn.Module, captured: Optional[torch.nn.Mo
     device = next(unet.parameters()).device
 
     start = time.perf_counter()
+    wanted_layers = _layers_named_by(networks)
     written = []
     for name, module in unet_lora_modules(unet):
         before = getattr(module, "network_current_names", ())
+        if wanted_layers is not None and before == () and module.network_layer_name not in wanted_layers:
+            continue
         networks.network_apply_weights(module)
         if getattr(module, "network_current_names", ()) != before:
             written.append((name, module))
@@ -145,6 +152,19 @@ def apply_networks_to_unet(unet: torch.nn.Module, captured: Optional[torch.nn.Mo
     report.updated_modules = len(written)
     report.networks = [(net.name, float(net.unet_multiplier)) for net in getattr(networks, "loaded_networks", [])]
     return report
+
+
+def _layers_named_by(networks: Any) -> Optional[set]:
+    """``network_layer_name``s the loaded networks have modules for (None when that cannot be told)."""
+    names = set()
+    for net in getattr(networks, "loaded_networks", []):
+        modules = getattr(net, "modules", None)
+        if not isinstance(modules, dict):
+            return None
+        for key in modules:
+            names.add(key)
+            names.add(_X_PROJ.sub("", key))  # MultiheadAttention parts are keyed "<layer>_q_proj" etc.
+    return names
 
 
 def forget_backups(unet: torch.nn.Module, networks: Optional[Any] = None) -> int:

@@ -29,7 +29,7 @@ from onediff_sd_webui_extensions.a1111_lora import (
 class FakeNetwork:
     def __init__(self, name, multiplier, deltas):
         self.name, self.unet_multiplier, self.te_multiplier, self.dyn_dim = name, multiplier, multiplier, None
-        self.deltas = deltas  # network_layer_name -> (weight delta, bias delta or None)
+        self.modules = deltas  # network_layer_name -> (weight delta, bias delta or None), as Network.modules
 
 
 def make_lora_extension():
@@ -52,7 +52,7 @@ def make_lora_extension():
             else:
                 module.bias.copy_(module.network_bias_backup)
         for net in ext.loaded_networks:
-            delta = net.deltas.get(module.network_layer_name)
+            delta = net.modules.get(module.network_layer_name)
             if delta is None:
                 continue
             weight_delta, bias_delta = delta
@@ -126,7 +126,7 @@ def reference(pristine, networks):
     modules = {"diffusion_model_" + name.replace(".", "_"): module for name, module in patched.named_modules()}
     with torch.no_grad():
         for net in networks:
-            for layer, (weight_delta, _) in net.deltas.items():
+            for layer, (weight_delta, _) in net.modules.items():
                 modules[layer].weight.add_(weight_delta * net.unet_multiplier)
     return patched
 
@@ -147,15 +147,16 @@ def test_apply_writes_in_place_and_skips_unchanged_modules(lora_extension):
     state = A1111LoraState()
     handled = len(unet_lora_modules(unet))
     report = state.apply(unet, networks=lora_extension)
-    # like the extension, every handled module is re-processed when the network set changes
-    assert report.updated_modules == handled and report.networks == [("a", 0.8)]
+    # only the modules the network names are processed; the others would just be backed up
+    assert report.updated_modules == len(network.modules) and report.networks == [("a", 0.8)]
+    assert getattr(unet.conv_in, "network_weights_backup", None) is None
     assert report.dropped_biases == [] and report.copied_into_captured == []
     assert data_pointers(unet) == pointers
     patched = tensors_by_name(reference(pristine, [network]))
     assert all(torch.allclose(t, patched[n]) for n, t in tensors_by_name(unet).items())
     assert state.apply(unet, networks=lora_extension).updated_modules == 0
     lora_extension.loaded_networks[:] = []
-    assert state.apply(unet, networks=lora_extension).updated_modules == handled
+    assert state.apply(unet, networks=lora_extension).updated_modules == len(network.modules)
     assert _same_tensors(unet, pristine) and data_pointers(unet) == pointers
     assert state.status()["applications"] == 3 and state.status()["last_fuse_ms"] is not None
     assert handled == sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm,
@@ -176,7 +177,7 @@ def test_bias_for_biasless_layer_is_dropped_and_reported(lora_extension):
     assert unet.get_submodule(biasless).bias is None
     assert {name: id(p) for name, p in unet.named_parameters()} == parameters_before  # no new Parameter
     layer = "diffusion_model_" + with_bias.replace(".", "_")
-    expected_bias = pristine.get_submodule(with_bias).bias + network.deltas[layer][1]
+    expected_bias = pristine.get_submodule(with_bias).bias + network.modules[layer][1]
     assert torch.allclose(unet.get_submodule(with_bias).bias, expected_bias)  # an existing bias is written in place
     assert torch.allclose(unet.get_submodule(biasless).weight, reference(pristine, [network]).get_submodule(biasless).weight)
 
@@ -193,8 +194,9 @@ def test_separate_eager_module_is_copied_into_captured_storage(lora_extension):
     lora_extension.loaded_networks[:] = [network]
     report = apply_networks_to_unet(unet, captured=captured, networks=lora_extension)
     handled_tensors = {f"{name}.{leaf}" for name, module in unet_lora_modules(unet)
+                       if module.network_layer_name in network.modules
                        for leaf, tensor in module.named_parameters(recurse=False)}
-    assert set(report.copied_into_captured) == handled_tensors  # every tensor of a re-processed module
+    assert set(report.copied_into_captured) == handled_tensors  # every tensor of a processed module
     assert data_pointers(captured) == captured_pointers
     assert _same_tensors(captured, unet)
     assert all(data_pointers(unet)[n] == captured_pointers[n] for n in handled_tensors)
@@ -216,7 +218,7 @@ def test_forget_backups_after_weights_written_behind_the_extensions_back(lora_ex
     with torch.no_grad():
         for name, tensor in tensors_by_name(unet).items():
             tensor.copy_(tensors_by_name(new_checkpoint)[name])
-    assert forget_backups(unet, lora_extension) == len(unet_lora_modules(unet))
+    assert forget_backups(unet, lora_extension) == len(attention_and_ff_modules(unet))
     lora_extension.loaded_networks[:] = []
     apply_networks_to_unet(unet, networks=lora_extension)
     assert _same_tensors(unet, new_checkpoint)
