@@ -392,7 +392,7 @@ class LoraFuser:
         if self.backup_on_device is False:
             return torch.device("cpu")
         free, _ = torch.cuda.mem_get_info(tensor.device)
-        # Leave room for the batched deltas and for sampling itself.
+        # Leave room for sampling itself (activations, VAE decode) after the backups.
         return tensor.device if free > tensor.numel() * tensor.element_size() + 2 * 1024 ** 3 else torch.device("cpu")
 
 
@@ -469,7 +469,7 @@ def save_random_kohya_lora(path: Union[str, os.PathLike], unet: torch.nn.Module,
 @torch.no_grad()
 def apply_lora_reference(unet: torch.nn.Module, state_dicts: Sequence[Tuple[Mapping[str, torch.Tensor], float]]) -> None:
     """Plain reference: ``W = W + sum(multiplier * alpha / rank * up @ down)`` in float32, one module at a time,
-    on a clean UNet (diffusers-path names only). Independent of :class:`LoraFuser`'s batching, backups and ldm
+    on a clean UNet (diffusers-path names only). Independent of :class:`LoraFuser`'s GEMMs, backups and ldm
     key mapping; for tests and the bench."""
     modules_by_prefix = {UNET_PREFIX + name.replace(".", "_"): module for name, module in unet.named_modules()}
     weight_deltas: Dict[torch.nn.Module, torch.Tensor] = {}
