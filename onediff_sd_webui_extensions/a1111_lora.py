@@ -16,7 +16,9 @@ and writes ``W + delta`` with ``copy_``. A compiled graph never runs those forwa
 2. :func:`original_forwards` runs a block (tracing the graph, every compiled call) with the classes' original
    forwards, so dynamo never traces ``network_apply_weights`` and the LoRA state is never a guard. The patches
    are swapped back as soon as the block ends: the text encoder, which A1111 runs outside UNet calls, keeps
-   the extension's lazy LoRA exactly as in a normal run.
+   the extension's lazy LoRA exactly as in a normal run. (Measured with torch 2.13: dynamo does not guard on
+   the class attribute, so a graph traced with the original forwards keeps running them even if called
+   outside the block; what the block protects is every trace — the first call and any recompile.)
 
 Nothing from the webui is imported at module level: the extension's ``networks`` module is found in
 ``sys.modules`` (A1111 imports it when it loads the built-in extension) or passed in.

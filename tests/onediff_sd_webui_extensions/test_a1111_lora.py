@@ -225,9 +225,10 @@ def test_forget_backups_after_weights_written_behind_the_extensions_back(lora_ex
 
 
 def test_compiled_unet_runs_original_forwards_and_never_recompiles(tiny_sd15, lora_extension):
-    """The extension's class-level patches stay installed; inside ``original_forwards`` the compiled graph
-    (traced without them) runs with eagerly applied LoRA weights, equal to eager, with no new graph — while
-    outside it the patched forwards keep running (the text encoder path)."""
+    """The extension's class-level patches stay installed and its attributes (``network_layer_name``, backups,
+    applied sets) are set on the UNet's modules, as in the webui: the compiled graph runs with eagerly applied
+    LoRA weights, equal to eager, with no new graph — while outside the block the patched forwards keep
+    running (the text encoder path)."""
     unet, compiled, inputs = tiny_sd15.unet, tiny_sd15.compiled, tiny_sd15.inputs
     pristine = copy.deepcopy(unet)
     name_modules(unet)
@@ -238,12 +239,12 @@ def test_compiled_unet_runs_original_forwards_and_never_recompiles(tiny_sd15, lo
             for loaded in ([network_a], [network_b], [network_a, network_b], []):
                 lora_extension.loaded_networks[:] = loaded
                 apply_networks_to_unet(unet, networks=lora_extension)
+                expected = inputs.call(reference(pristine, loaded))  # unnamed modules: patches pass through
                 calls_before = lora_extension.patched_calls
                 with original_forwards(lora_extension) as swapped:
                     assert set(swapped) == {cls for _, cls in PATCHED_CLASSES}
                     got = inputs.call(compiled)
-                    expected = inputs.call(reference(pristine, loaded))
-                assert lora_extension.patched_calls == calls_before  # no patched forward inside the block
+                assert lora_extension.patched_calls == calls_before  # the compiled call ran no patched forward
                 assert (got - expected).abs().max().item() <= 1e-4
         assert counted.new_graphs == 0
         assert torch.nn.Linear.forward is lora_extension.network_Linear_forward  # patches are back
@@ -254,3 +255,29 @@ def test_compiled_unet_runs_original_forwards_and_never_recompiles(tiny_sd15, lo
         lora_extension.loaded_networks[:] = []
         apply_networks_to_unet(unet, networks=lora_extension)
         forget_names(unet)
+
+
+def test_graph_traced_inside_original_forwards_never_sees_the_patches(lora_extension):
+    """Tracing is where the patches would do harm (dynamo would inline ``network_apply_weights`` and guard on
+    the loaded networks); a graph already traced keeps running the code it traced. So: trace a small module
+    inside the block with the patches installed, then switch networks: one graph, no patched call."""
+    toy = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).requires_grad_(False)
+    pristine = copy.deepcopy(toy)
+    name_modules(toy)
+    generator = torch.Generator().manual_seed(7)
+    network_a = FakeNetwork("a", 1.0, {"diffusion_model_0": (torch.randn(8, 8, generator=generator), None),
+                                      "diffusion_model_2": (torch.randn(4, 8, generator=generator), None)})
+    network_b = FakeNetwork("b", 0.5, {"diffusion_model_2": (torch.randn(4, 8, generator=generator), None)})
+    compiled = torch.compile(toy, backend="eager")  # dynamo's tracing and guards, no code generation
+    x = torch.randn(3, 8, generator=generator)
+    with count_new_graphs() as counted:
+        for loaded in ([network_a], [network_b], [network_a, network_b], []):
+            lora_extension.loaded_networks[:] = loaded
+            apply_networks_to_unet(toy, networks=lora_extension)
+            expected = reference(pristine, loaded)(x)
+            calls_before = lora_extension.patched_calls
+            with original_forwards(lora_extension):
+                got = compiled(x)
+            assert lora_extension.patched_calls == calls_before
+            assert torch.allclose(got, expected, atol=1e-6)
+    assert counted.new_graphs == 1  # the first trace, nothing after
