@@ -115,6 +115,12 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
         compiled_output = inputs.call(lookup.unet)
     compile_s = lookup.entry.compile_s
     compiled_ms = median_ms(lambda: inputs.call(lookup.unet), device, args.warmup, args.repeat)
+    lora = None
+    if args.lora:
+        from onediff_sd_webui_extensions.bench_lora import lora_section
+
+        with progress("LoRA: fuse, switch, unfuse into the compiled graph", every_s=30.0):
+            lora = lora_section(lookup.entry.module, lookup.unet, inputs)
 
     # Checkpoint switch: the second model's weights go into the captured storage; eager reference first,
     # because binding points the second model's parameters at that storage.
@@ -145,6 +151,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
             "other_structure": {"reused": refused.reused},
         },
     }
+    if lora is not None:
+        report["lora"] = lora
     return report
 
 
@@ -164,6 +172,14 @@ def format_table(report: Dict[str, Any]) -> str:
         ("switch, other structure", f"reused={report['switch']['other_structure']['reused']} "
                                     "(9-channel inpainting UNet gets its own graph)"),
     ]
+    if "lora" in report:
+        lora = report["lora"]
+        rows += [
+            (f"LoRA rank {lora['rank']} x {lora['modules']} modules",
+             f"fuse {lora['fuse_ms']:.1f} ms, switch {lora['switch_ms']:.1f} ms, unfuse {lora['unfuse_ms']:.1f} ms"),
+            ("LoRA under the graph", f"new graphs {lora['new_graphs']}, max abs diff vs eager {lora['max_abs_diff']:.2e}, "
+                                     f"restored exactly={lora['restored_exactly']}"),
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
@@ -182,6 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent", type=int, default=None, help="latent size (image size / 8)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+                        help="fuse a rank-16 LoRA into the compiled graph and time it (default: on)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
 
 

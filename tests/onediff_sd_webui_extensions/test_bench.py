@@ -25,6 +25,8 @@ def test_bench_cli_writes_the_documented_report(tmp_path):
     same = report["switch"]["same_structure"]
     assert same["reused"] is True and same["new_graphs"] == 0 and same["max_abs_diff"] <= 1e-4
     assert report["switch"]["other_structure"] == {"reused": False}
+    lora = report["lora"]
+    assert lora["new_graphs"] == 0 and lora["restored_exactly"] is True and lora["max_abs_diff"] <= 1e-4
 
 
 def test_bench_rejects_a_missing_checkpoint_clearly(tmp_path):
