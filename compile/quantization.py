@@ -1,0 +1,357 @@
+"""int8 weights for a compiled UNet with torchao, keeping LoRA and checkpoint switching working.
+
+What is quantized, and why:
+
+* ``nn.Linear`` layers only. torchao's int8 tensor (``Int8Tensor``) implements ``linear`` and nothing for
+  ``conv2d``; an int8 convolution would be dequantize-then-conv, which saves memory but costs time on every
+  device, so convolutions (including ``conv_in``/``conv_out``, the most quality-sensitive layers) stay float.
+* Mode: int8 dynamic activation + int8 weight (``Int8DynamicActivationInt8WeightConfig``, an int8 x int8
+  matmul via ``torch._int_mm``) where the device runs ``torch._int_mm``, else int8 weight-only
+  (``Int8WeightOnlyConfig``: int8 storage, float matmul). See :func:`int8_availability` and :func:`choose_mode`.
+* Kept float (:data:`FLOAT_LAYER_PATTERNS`, diffusers and ldm/A1111 names): the timestep and SDXL added-
+  condition embeddings and each ResNet's ``time_emb_proj``/``emb_layers`` (they run on ``batch`` rows only, so
+  int8 saves nothing, and their error scales every feature map of the block) and the cross-attention key/value
+  projections ``attn2.to_k``/``attn2.to_v`` (they read the text encoder's hidden states, whose few huge
+  outlier channels make per-token activation quantization coarse for every other channel; they are small).
+
+How the quantized weights stay writable in place:
+
+in-place ops on torchao tensors fail (``add_`` raises, ``copy_`` too), and a compiled graph reads the storage it
+captured, so a weight is never replaced: the new float weight is quantized with the same config and its int8
+data, scale and zero point are ``copy_``'d into the captured tensor's inner tensors (:meth:`Int8Weights.
+write_float_weights`). Quantization is deterministic, so re-quantizing the same float weight restores the same
+int8 data bit for bit. Each quantized layer keeps a float master copy (on CPU by default: it is only read when a
+layer is re-quantized, and device memory is what int8 is for) of the checkpoint's weight, from which LoRA deltas
+are fused (:meth:`Int8Weights.fuse_deltas`) and to which :meth:`Int8Weights.restore` returns.
+
+LoRA hook (for a fuser working on the compiled template, ``lookup.entry.module``): for a layer named in
+``int8_weights.layers`` never touch ``.weight`` in place; call ``fuse_deltas({name: delta})`` or
+``write_float_weights({name: W + delta}, as_master=False)``, and ``restore([name])`` to unfuse. Layers not in
+``layers`` are plain float parameters of the template and take ordinary in-place writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import re
+import time
+import weakref
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+
+INT8 = "int8"
+INT8_DYNAMIC = "int8-dynamic"  # int8 activations and weights, int8 x int8 matmul
+INT8_WEIGHT_ONLY = "int8-weight-only"  # int8 weights, float matmul
+
+FLOAT_LAYER_PATTERNS: Tuple[str, ...] = (
+    r"(^|\.)time_embedding\.",  # diffusers timestep MLP
+    r"(^|\.)time_embed\.",  # ldm timestep MLP
+    r"(^|\.)add_embedding\.",  # diffusers SDXL pooled-text + size conditioning
+    r"(^|\.)label_emb\.",  # ldm SDXL added conditioning
+    r"(^|\.)class_embedding\.",
+    r"\.time_emb_proj$",  # diffusers ResNet timestep projection
+    r"\.emb_layers\.",  # ldm ResNet timestep projection
+    r"\.attn2\.to_k$",  # cross-attention keys/values read the text encoder's outlier channels
+    r"\.attn2\.to_v$",
+)
+_FLOAT_LAYER_RE = re.compile("|".join(FLOAT_LAYER_PATTERNS))
+
+
+def keep_float(name: str, linear: torch.nn.Linear) -> bool:
+    """Whether the Linear ``name`` stays float (see the module docstring). Odd widths stay float too: the int8
+    matmul kernels want multiples of 16."""
+    return bool(_FLOAT_LAYER_RE.search(name)) or linear.in_features % 16 != 0 or linear.out_features % 16 != 0
+
+
+def _torchao_configs():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    # set_inductor_config=False: torchao's setter changes process-wide inductor flags (coordinate descent
+    # tuning...) that are never restored and change the cache key of every later float compile as well.
+    return {
+        INT8_DYNAMIC: Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+        INT8_WEIGHT_ONLY: Int8WeightOnlyConfig(set_inductor_config=False),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(device: str, mode: str) -> Optional[str]:
+    """None when a quantized Linear of ``mode`` runs on ``device`` (eagerly, 32 rows), else why not."""
+    try:
+        configs = _torchao_configs()
+    except ImportError as error:
+        return f"torchao is not installed or too old for int8 tensors ({error}); install torchao>=0.14"
+    try:
+        weight = torch.randn(64, 64, device=device)
+        quantized = _quantize_weight(weight, configs[mode])
+        activation = torch.randn(32, 64, device=device)
+        error = (torch.nn.functional.linear(activation, quantized) - activation @ weight.t()).abs().max()
+        if not torch.isfinite(error):
+            return f"torchao {mode} gives non-finite results on {device}"
+    except Exception as error:  # a device or torch build without the kernels
+        return f"torchao {mode} does not run on {device} with torch {torch.__version__} ({type(error).__name__}: {error})"
+    return None
+
+
+def int8_availability(device="cpu") -> Optional[str]:
+    """None when int8 weights work on ``device``, else a plain-words reason (for the UI: run unquantized)."""
+    device = str(torch.device(device))
+    reasons = [_probe(device, mode) for mode in (INT8_DYNAMIC, INT8_WEIGHT_ONLY)]
+    return None if any(reason is None for reason in reasons) else reasons[-1]
+
+
+def choose_mode(device="cpu") -> str:
+    """int8 dynamic where the device runs int8 x int8 matmuls, else weight-only (raises when neither runs).
+
+    On CPU torch 2.13 both run, also under torch.compile; dynamic is chosen there too (same code path as on
+    CUDA, and measured within the same error; neither is faster than float on CPU).
+    """
+    device = str(torch.device(device))
+    for mode in (INT8_DYNAMIC, INT8_WEIGHT_ONLY):
+        if _probe(device, mode) is None:
+            return mode
+    raise RuntimeError(f"int8 cannot run here: {int8_availability(device)}")
+
+
+@torch.no_grad()
+def _quantize_weight(weight: torch.Tensor, config) -> torch.Tensor:
+    """``weight`` (out, in) quantized with ``config`` through torchao's public ``quantize_`` (the same code
+    path for the first quantization and every re-quantization, so equal inputs give equal int8 data)."""
+    from torchao.quantization import quantize_
+
+    holder = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    holder.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    quantize_(holder, config)
+    return holder.weight
+
+
+def _inner_tensors(tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    names, _ = tensor.__tensor_flatten__()
+    return {name: getattr(tensor, name) for name in names}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds, counting a torchao tensor's inner int8 data and scales."""
+    if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass made of inner tensors
+        return sum(tensor_bytes(inner) for inner in _inner_tensors(tensor).values())
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_memory_mb(module: torch.nn.Module) -> float:
+    """Parameters and buffers of ``module`` in MB (10^6 bytes), int8 tensors at their real size."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(tensor_bytes(t) for t in tensors.values()) / 1e6
+
+
+@dataclasses.dataclass
+class QuantizedLayer:
+    """One quantized Linear of the template: its float master weight and whether it holds a fused weight."""
+
+    name: str
+    linear: torch.nn.Linear
+    master: torch.Tensor
+    fused: bool = False
+
+
+@dataclasses.dataclass
+class WriteReport:
+    """What a bind or write did: tensors re-quantized, float tensors copied, tensors skipped as unchanged."""
+
+    quantized: int = 0
+    copied: int = 0
+    unchanged: int = 0
+    ms: float = 0.0
+
+
+class Int8Weights:
+    """The int8 state of one quantized template module: its quantized layers, their float masters, the
+    config they were quantized with, and what was last bound from which source module.
+
+    Build it with :meth:`quantize_copy`, which leaves the source module untouched (A1111 swaps its eager,
+    float UNet back after the job).
+    """
+
+    def __init__(self, template: torch.nn.Module, mode: str, layers: Dict[str, QuantizedLayer], config):
+        self.template = template
+        self.mode = mode
+        self.layers = layers
+        self.config = config
+        self._source: Optional[weakref.ref] = None
+        self._fingerprints: Dict[str, Tuple[Optional[weakref.ref], int, int]] = {}
+
+    # --- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def quantize_copy(
+        cls,
+        module: torch.nn.Module,
+        mode: str = INT8,
+        *,
+        keep_float: Callable[[str, torch.nn.Linear], bool] = keep_float,
+        master_device="cpu",
+    ) -> "Int8Weights":
+        """A copy of ``module`` with its Linears quantized (``int8_weights.template``); ``module`` is not
+        modified. The float weights of quantized layers are never copied on the device (peak memory is the
+        source plus the int8 template), only to ``master_device``."""
+        device = next(module.parameters()).device
+        if mode == INT8:
+            mode = choose_mode(device)
+        config = _torchao_configs()[mode]
+        selected = {
+            name: sub
+            for name, sub in module.named_modules()
+            if type(sub) is torch.nn.Linear and not keep_float(name, sub)
+        }
+        placeholder = torch.nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
+        memo = {id(linear.weight): placeholder for linear in selected.values()}
+        template = copy.deepcopy(module, memo)
+        layers = {}
+        for name, source_linear in selected.items():
+            linear = template.get_submodule(name)
+            linear.weight = _quantize_weight(source_linear.weight, config)
+            master = source_linear.weight.detach().to(master_device, copy=True)
+            layers[name] = QuantizedLayer(name, linear, master)
+        weights = cls(template, mode, layers, config)
+        weights._remember(module)
+        return weights
+
+    # --- writing float weights ----------------------------------------------------------------------------
+
+    def _write_quantized(self, layer: QuantizedLayer, weight: torch.Tensor) -> None:
+        target = layer.linear.weight
+        fresh = _quantize_weight(weight.to(device=target.qdata.device, dtype=target.dtype), self.config)
+        for name, inner in _inner_tensors(target).items():
+            inner.copy_(getattr(fresh, name))
+
+    @torch.no_grad()
+    def write_float_weights(self, weights: Mapping[str, torch.Tensor], *, as_master: bool = True) -> WriteReport:
+        """Quantize float weights (layer name -> (out, in) tensor) into the template's int8 tensors in place.
+
+        ``as_master=True`` (checkpoint weights): the masters become these weights. ``as_master=False`` (a LoRA
+        fuser handing W + delta): masters stay, the layers are marked fused until :meth:`restore`.
+        """
+        start = time.perf_counter()
+        unknown = sorted(set(weights) - set(self.layers))
+        if unknown:
+            raise KeyError(f"not quantized layers (write those float parameters in place): {unknown[:5]}")
+        for name, weight in weights.items():
+            layer = self.layers[name]
+            self._write_quantized(layer, weight)
+            if as_master:
+                layer.master.copy_(weight)
+            layer.fused = not as_master
+        return WriteReport(quantized=len(weights), ms=(time.perf_counter() - start) * 1000.0)
+
+    def fuse_deltas(self, deltas: Mapping[str, torch.Tensor], scale: float = 1.0) -> WriteReport:
+        """Re-quantize only the named layers from master + ``scale`` * delta (a LoRA), in place."""
+        fused = {}
+        for name, delta in deltas.items():
+            master = self.layers[name].master
+            fused[name] = master.to(delta.device) + scale * delta.to(master.dtype)
+        return self.write_float_weights(fused, as_master=False)
+
+    def restore(self, names: Optional[Iterable[str]] = None) -> WriteReport:
+        """Re-quantize the named layers (default: every fused one) from their masters: the original int8 data
+        and scales, bit for bit."""
+        names = [name for name, layer in self.layers.items() if layer.fused] if names is None else list(names)
+        return self.write_float_weights({name: self.layers[name].master for name in names}, as_master=True)
+
+    # --- binding another module of the same structure (checkpoint switch) --------------------------------
+
+    @staticmethod
+    def _fingerprint(tensor: torch.Tensor):
+        return (weakref.ref(tensor), tensor.data_ptr(), tensor._version)
+
+    def _remember(self, source: torch.nn.Module) -> None:
+        self._source = weakref.ref(source)
+        self._fingerprints = {name: self._fingerprint(t) for name, t in _source_tensors(source).items()}
+
+    def _unchanged(self, name: str, tensor: torch.Tensor) -> bool:
+        known = self._fingerprints.get(name)
+        return known is not None and known[0]() is tensor and known[1:] == self._fingerprint(tensor)[1:]
+
+    @torch.no_grad()
+    def bind_from(self, source: torch.nn.Module) -> WriteReport:
+        """Write ``source``'s weights into the template in place: quantized layers re-quantized (masters
+        updated), other tensors copied. Tensors unchanged since the last bind from the same module object (same
+        tensor object, storage and version counter) are skipped, so a job with an untouched eager UNet costs
+        nothing and an in-place LoRA on it re-quantizes only the layers it wrote. ``source`` is not modified."""
+        start = time.perf_counter()
+        same_source = self._source is not None and self._source() is source
+        template_tensors = _source_tensors(self.template)
+        changed_layers = {}
+        report = WriteReport()
+        for name, tensor in _source_tensors(source).items():
+            if same_source and self._unchanged(name, tensor):
+                report.unchanged += 1
+                continue
+            layer_name = name[: -len(".weight")] if name.endswith(".weight") else None
+            if layer_name in self.layers:
+                changed_layers[layer_name] = tensor
+            else:
+                template_tensors[name].copy_(tensor)
+                report.copied += 1
+        report.quantized = self.write_float_weights(changed_layers).quantized
+        self._remember(source)
+        report.ms = (time.perf_counter() - start) * 1000.0
+        return report
+
+    # --- reporting -----------------------------------------------------------------------------------------
+
+    def memory_mb(self) -> Dict[str, float]:
+        """Weight memory of the template as float (what the source module holds) and as int8 (on the device;
+        the float masters live on ``master`` devices and are reported separately)."""
+        int8 = weight_memory_mb(self.template)
+        quantized_bytes = sum(tensor_bytes(layer.linear.weight) for layer in self.layers.values())
+        float_bytes = sum(layer.master.numel() * layer.master.element_size() for layer in self.layers.values())
+        return {
+            "float": (int8 * 1e6 - quantized_bytes + float_bytes) / 1e6,
+            "int8": int8,
+            "masters": float_bytes / 1e6,
+        }
+
+    def describe(self) -> Dict[str, object]:
+        return {
+            "mode": self.mode,
+            "quantized_layers": len(self.layers),
+            "fused_layers": sorted(name for name, layer in self.layers.items() if layer.fused),
+            "weight_mb": self.memory_mb(),
+        }
+
+
+def _source_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    return tensors
+
+
+def quantized_layer_names(module: torch.nn.Module) -> List[str]:
+    """Names of the Linears :meth:`Int8Weights.quantize_copy` would quantize in ``module``."""
+    return [n for n, m in module.named_modules() if type(m) is torch.nn.Linear and not keep_float(n, m)]
+
+
+class Int8Binding:
+    """Weight binding of an int8 graph (chosen by ``CompileOptions(quantization="int8")`` in the graph cache).
+
+    The compiled template is an int8 copy of the first module (:meth:`Int8Weights.quantize_copy`); a later
+    module of the same structure (checkpoint switch) or the same module changed in place (A1111's LoRA) is
+    bound through :meth:`Int8Weights.bind_from`: re-quantized in place, 0 recompiles. The module handed in
+    is never modified or aliased, so the eager UNet stays float.
+    """
+
+    def __init__(self, module: torch.nn.Module, mode: str = INT8):
+        self.weights = Int8Weights.quantize_copy(module, mode)
+        self.template = self.weights.template
+
+    def bind(self, source: torch.nn.Module):
+        from .weights import BindReport
+
+        report = self.weights.bind_from(source)
+        return BindReport(copied=report.quantized + report.copied, shared=0, bind_ms=report.ms)
+
+    def describe(self) -> Dict[str, object]:
+        return {"quantization": self.weights.describe()}

@@ -1,0 +1,215 @@
+"""int8 (torchao) compiled UNet: close to float eager, LoRA and checkpoint switches written in place with 0
+recompiles, and a graph cache that never serves the int8 graph to a float request or the reverse.
+
+Error metric everywhere: ``max |out - reference| / max |reference|`` (the bench's ``max_rel_err``). Threshold
+2% of the output range; on the ``tiny`` preset int8 measures about 0.3% (dynamic) on CPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from compile import CompileOptions, count_new_graphs
+from compile import quantization
+from compile.models import build_preset
+
+INT8 = CompileOptions(quantization="int8")
+FLOAT = CompileOptions()
+REL_TOL = 0.02
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).abs().max() / reference.abs().max()).item()
+
+
+def int8_state(weights: quantization.Int8Weights):
+    """Clones of every quantized layer's inner int8 data, scales and zero points."""
+    return {
+        (name, inner_name): inner.clone()
+        for name, layer in weights.layers.items()
+        for inner_name, inner in quantization._inner_tensors(layer.linear.weight).items()
+    }
+
+
+def assert_same_int8_state(weights, saved):
+    for (name, inner_name), before in saved.items():
+        after = quantization._inner_tensors(weights.layers[name].linear.weight)[inner_name]
+        assert torch.equal(after, before), f"{name}.{inner_name} differs"
+
+
+def lora_deltas(weights: quantization.Int8Weights, rank: int = 4, strength: float = 0.5, seed: int = 3):
+    """Low-rank deltas for every quantized self-attention and feed-forward Linear, about ``strength`` times
+    the weight's scale (a strong LoRA, so its effect is far above the int8 error)."""
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, layer in weights.layers.items():
+        if ".attn1." not in name and ".ff." not in name:
+            continue
+        out_features, in_features = layer.master.shape
+        up = torch.randn(out_features, rank, generator=generator)
+        down = torch.randn(rank, in_features, generator=generator)
+        delta = up @ down
+        deltas[name] = delta * (strength * layer.master.std() / delta.std())
+    return deltas
+
+
+def test_int8_available_on_this_machine_and_reason_when_torchao_is_missing(monkeypatch):
+    assert quantization.int8_availability("cpu") is None
+    assert quantization.choose_mode("cpu") in (quantization.INT8_DYNAMIC, quantization.INT8_WEIGHT_ONLY)
+
+    def missing():
+        raise ImportError("No module named 'torchao'")
+
+    monkeypatch.setattr(quantization, "_torchao_configs", missing)
+    quantization._probe.cache_clear()
+    try:
+        reason = quantization.int8_availability("cpu")
+    finally:
+        quantization._probe.cache_clear()
+    assert reason is not None and "torchao" in reason
+
+
+def test_quantize_copy_keeps_the_source_float_and_the_sensitive_layers_float():
+    unet = build_preset("tiny", seed=0)
+    before = {name: p.clone() for name, p in unet.named_parameters()}
+    pointers = {name: p.data_ptr() for name, p in unet.named_parameters()}
+    weights = quantization.Int8Weights.quantize_copy(unet)
+
+    for name, p in unet.named_parameters():
+        assert type(p) is torch.nn.Parameter and p.dtype == torch.float32
+        assert p.data_ptr() == pointers[name] and torch.equal(p, before[name])
+    assert weights.layers, "no Linear was quantized"
+    for name, sub in weights.template.named_modules():
+        if type(sub) is torch.nn.Linear:
+            is_int8 = type(sub.weight).__name__ == "Int8Tensor"
+            assert is_int8 == (name in weights.layers), name
+            if any(part in name for part in ("time_embedding", "time_emb_proj", "attn2.to_k", "attn2.to_v")):
+                assert not is_int8, f"{name} should stay float"
+    assert isinstance(weights.template.conv_in.weight, torch.nn.Parameter)
+    memory = weights.memory_mb()
+    assert memory["int8"] < memory["float"]
+    assert memory["float"] == pytest.approx(quantization.weight_memory_mb(unet))
+
+
+def test_int8_compiled_close_to_float_eager(tiny_sd15_int8):
+    compiled, eager = tiny_sd15_int8, tiny_sd15_int8.unet
+    reference = compiled.inputs.call(eager)
+    error = relative_error(compiled.first_output, reference)
+    print(f"int8 compiled vs float eager: max_rel_err={error:.5f} (threshold {REL_TOL})")
+    assert 0 < error <= REL_TOL  # > 0: the graph really runs int8 weights
+    assert compiled.lookup.entry.module is not eager
+    assert all(type(p) is torch.nn.Parameter for p in eager.parameters()), "the eager UNet must stay float"
+
+
+def test_lora_fused_into_int8_graph_in_place_and_removed_exactly(tiny_sd15_int8):
+    compiled = tiny_sd15_int8
+    weights = compiled.lookup.entry.binding.weights
+    deltas = lora_deltas(weights)
+    saved = int8_state(weights)
+    pointers = {key: t.data_ptr() for key, t in int8_state_views(weights).items()}
+
+    float_with_lora = copy.deepcopy(compiled.unet)
+    for name, delta in deltas.items():
+        float_with_lora.get_submodule(name).weight.add_(delta)
+    reference = compiled.inputs.call(float_with_lora)
+    lora_effect = relative_error(reference, compiled.inputs.call(compiled.unet))
+
+    with count_new_graphs() as counted:
+        weights.fuse_deltas(deltas)
+        fused_output = compiled.inputs.call(compiled.compiled)
+        weights.restore()
+        restored_output = compiled.inputs.call(compiled.compiled)
+
+    error = relative_error(fused_output, reference)
+    print(f"int8+LoRA vs float+LoRA: max_rel_err={error:.5f}; LoRA effect {lora_effect:.3f}")
+    assert counted.new_graphs == 0
+    assert lora_effect > 5 * REL_TOL, "the test LoRA is too weak to tell fused from unfused"
+    assert error <= REL_TOL
+    assert {key: t.data_ptr() for key, t in int8_state_views(weights).items()} == pointers, "not in place"
+    assert_same_int8_state(weights, saved)
+    assert not any(layer.fused for layer in weights.layers.values())
+    assert torch.equal(restored_output, compiled.first_output)
+
+
+def int8_state_views(weights):
+    return {
+        (name, inner_name): inner
+        for name, layer in weights.layers.items()
+        for inner_name, inner in quantization._inner_tensors(layer.linear.weight).items()
+    }
+
+
+def test_in_place_change_of_the_eager_unet_requantizes_only_that_layer(graph_cache, tiny_sd15_int8):
+    """A1111's path: its Lora extension writes W + delta into the eager (float) UNet in place; the next lookup
+    re-quantizes only what changed, and writing the backup back restores the int8 data exactly."""
+    compiled, eager = tiny_sd15_int8, tiny_sd15_int8.unet
+    weights = compiled.lookup.entry.binding.weights
+    saved = int8_state(weights)
+    name = next(iter(lora_deltas(weights)))
+    target = eager.get_submodule(name).weight
+    backup = target.clone()
+
+    with count_new_graphs() as counted:
+        graph_cache.get(eager, "inductor", INT8)  # bound from this module (earlier tests may have switched)
+        unchanged = graph_cache.get(eager, "inductor", INT8)
+        target.add_(0.5 * target.std() * torch.randn_like(target))
+        changed = graph_cache.get(eager, "inductor", INT8)
+        changed_output = compiled.inputs.call(changed.unet)
+        target.copy_(backup)
+        graph_cache.get(eager, "inductor", INT8)
+        restored_output = compiled.inputs.call(compiled.compiled)
+
+    assert counted.new_graphs == 0
+    assert unchanged.reused and unchanged.copied_tensors == 0
+    assert changed.copied_tensors == 1
+    assert relative_error(changed_output, compiled.inputs.call(eager)) <= REL_TOL
+    assert_same_int8_state(weights, saved)
+    assert torch.equal(restored_output, compiled.first_output)
+
+
+def test_write_float_weights_refuses_float_layers(tiny_sd15_int8):
+    weights = tiny_sd15_int8.lookup.entry.binding.weights
+    with pytest.raises(KeyError):
+        weights.write_float_weights({"time_embedding.linear_1": torch.zeros(1)})
+
+
+def test_same_structure_checkpoint_switch_requantizes_in_place(graph_cache, tiny_sd15_int8):
+    compiled = tiny_sd15_int8
+    other = build_preset("tiny", seed=1)
+    with count_new_graphs() as counted:
+        switched = graph_cache.get(other, "inductor", INT8)
+        switched_output = compiled.inputs.call(switched.unet)
+        back = graph_cache.get(compiled.unet, "inductor", INT8)
+        back_output = compiled.inputs.call(back.unet)
+
+    error = relative_error(switched_output, compiled.inputs.call(other))
+    print(f"switched int8 vs float eager of the new weights: max_rel_err={error:.5f}")
+    assert counted.new_graphs == 0
+    assert switched.reused and switched.entry is compiled.lookup.entry
+    assert switched.copied_tensors == len(list(other.parameters())) + len(list(other.buffers()))
+    assert error <= REL_TOL
+    assert relative_error(switched_output, compiled.first_output) > 5 * REL_TOL, "weights did not switch"
+    assert torch.equal(back_output, compiled.first_output)
+
+
+def test_toggling_quantization_serves_the_matching_graph(graph_cache, tiny_sd15, tiny_sd15_int8):
+    unet = build_preset("tiny", seed=0)
+    reference = tiny_sd15_int8.inputs.call(unet)
+    with count_new_graphs() as counted:
+        outputs = []
+        for options in (FLOAT, INT8, FLOAT, INT8):
+            lookup = graph_cache.get(unet, "inductor", options)
+            outputs.append((options, lookup, tiny_sd15_int8.inputs.call(lookup.unet)))
+
+    assert counted.new_graphs == 0
+    for options, lookup, output in outputs:
+        assert lookup.reused and lookup.entry.key.options == options
+        quantized_layers = [p for p in lookup.entry.module.parameters() if type(p).__name__ == "Int8Tensor"]
+        if options.quantization:
+            assert lookup.entry is tiny_sd15_int8.lookup.entry and quantized_layers
+            assert torch.equal(output, tiny_sd15_int8.first_output)
+        else:
+            assert lookup.entry is tiny_sd15.lookup.entry and not quantized_layers
+            assert relative_error(output, reference) <= 1e-4
+            assert relative_error(output, tiny_sd15_int8.first_output) > 1e-4
