@@ -5,14 +5,18 @@ What is quantized, and why:
 * ``nn.Linear`` layers only. torchao's int8 tensor (``Int8Tensor``) implements ``linear`` and nothing for
   ``conv2d``; an int8 convolution would be dequantize-then-conv, which saves memory but costs time on every
   device, so convolutions (including ``conv_in``/``conv_out``, the most quality-sensitive layers) stay float.
+  That quantizes 86% of SDXL's UNet weights but only 28% of SD1.5's (its ResNet convolutions hold 69%).
 * Mode: int8 dynamic activation + int8 weight (``Int8DynamicActivationInt8WeightConfig``, an int8 x int8
   matmul via ``torch._int_mm``) where the device runs ``torch._int_mm``, else int8 weight-only
   (``Int8WeightOnlyConfig``: int8 storage, float matmul). See :func:`int8_availability` and :func:`choose_mode`.
 * Kept float (:data:`FLOAT_LAYER_PATTERNS`, diffusers and ldm/A1111 names): the timestep and SDXL added-
-  condition embeddings and each ResNet's ``time_emb_proj``/``emb_layers`` (they run on ``batch`` rows only, so
-  int8 saves nothing, and their error scales every feature map of the block) and the cross-attention key/value
-  projections ``attn2.to_k``/``attn2.to_v`` (they read the text encoder's hidden states, whose few huge
-  outlier channels make per-token activation quantization coarse for every other channel; they are small).
+  condition embeddings and each ResNet's ``time_emb_proj``/``emb_layers``. They run on ``batch`` rows only, so
+  int8 saves no time (and CUDA's int8 matmul wants more than 16 rows), they hold 1% of SDXL's weights (3% of
+  SD1.5's), and their error scales every feature map of the block.
+* Weight-only whatever the device: the cross-attention key/value projections ``attn2.to_k``/``attn2.to_v``
+  (:data:`WEIGHT_ONLY_LAYER_PATTERNS`). They read the text encoder's hidden states, whose few huge outlier
+  channels would make per-token activation quantization coarse for all the other channels; their weights are
+  13% of SDXL's, too many to leave float, and they run on 77 tokens, so the float matmul costs nothing.
 
 How the quantized weights stay writable in place:
 
@@ -24,10 +28,16 @@ int8 data bit for bit. Each quantized layer keeps a float master copy (on CPU by
 layer is re-quantized, and device memory is what int8 is for) of the checkpoint's weight, from which LoRA deltas
 are fused (:meth:`Int8Weights.fuse_deltas`) and to which :meth:`Int8Weights.restore` returns.
 
-LoRA hook (for a fuser working on the compiled template, ``lookup.entry.module``): for a layer named in
-``int8_weights.layers`` never touch ``.weight`` in place; call ``fuse_deltas({name: delta})`` or
-``write_float_weights({name: W + delta}, as_master=False)``, and ``restore([name])`` to unfuse. Layers not in
-``layers`` are plain float parameters of the template and take ordinary in-place writes.
+LoRA hooks. Either of two ways reaches the int8 graph with 0 recompiles:
+
+* a fuser working on the compiled module (``CompiledUNet.eager`` = ``lookup.entry.module``, the int8 template):
+  ``weights = int8_weights_of(module)`` (None for a float graph); for a layer in ``weights.layers`` never
+  write ``.weight`` in place (it raises) but take ``weights.layers[name].master`` as the float backup, write
+  ``weights.write_float_weights({name: master + delta, ...}, as_master=False)`` (or ``fuse_deltas``) and
+  unfuse with ``weights.restore([name, ...])``. Other layers are plain float parameters: write them in place.
+* a fuser working on the eager float UNet (A1111's Lora extension does): fuse in place as usual, then
+  ``graph_cache.get(eager, ...)`` re-quantizes exactly the tensors whose version counter moved
+  (:meth:`Int8Weights.bind_from`); restoring the backups and asking again brings back the original int8 data.
 """
 
 from __future__ import annotations
@@ -54,16 +64,20 @@ FLOAT_LAYER_PATTERNS: Tuple[str, ...] = (
     r"(^|\.)class_embedding\.",
     r"\.time_emb_proj$",  # diffusers ResNet timestep projection
     r"\.emb_layers\.",  # ldm ResNet timestep projection
-    r"\.attn2\.to_k$",  # cross-attention keys/values read the text encoder's outlier channels
-    r"\.attn2\.to_v$",
 )
+WEIGHT_ONLY_LAYER_PATTERNS: Tuple[str, ...] = (r"\.attn2\.to_k$", r"\.attn2\.to_v$")
 _FLOAT_LAYER_RE = re.compile("|".join(FLOAT_LAYER_PATTERNS))
+_WEIGHT_ONLY_LAYER_RE = re.compile("|".join(WEIGHT_ONLY_LAYER_PATTERNS))
 
 
-def keep_float(name: str, linear: torch.nn.Linear) -> bool:
-    """Whether the Linear ``name`` stays float (see the module docstring). Odd widths stay float too: the int8
-    matmul kernels want multiples of 16."""
-    return bool(_FLOAT_LAYER_RE.search(name)) or linear.in_features % 16 != 0 or linear.out_features % 16 != 0
+def layer_mode(name: str, linear: torch.nn.Linear, mode: str) -> Optional[str]:
+    """How the Linear ``name`` is quantized when the UNet's mode is ``mode``: None keeps it float (see the
+    module docstring). Odd widths stay float too: the int8 matmul kernels want multiples of 16."""
+    if _FLOAT_LAYER_RE.search(name) or linear.in_features % 16 != 0 or linear.out_features % 16 != 0:
+        return None
+    if _WEIGHT_ONLY_LAYER_RE.search(name):
+        return INT8_WEIGHT_ONLY
+    return mode
 
 
 def _torchao_configs():
@@ -153,6 +167,7 @@ class QuantizedLayer:
     name: str
     linear: torch.nn.Linear
     master: torch.Tensor
+    config: object  # the torchao config it was quantized with (re-quantization uses the same)
     fused: bool = False
 
 
@@ -167,18 +182,17 @@ class WriteReport:
 
 
 class Int8Weights:
-    """The int8 state of one quantized template module: its quantized layers, their float masters, the
-    config they were quantized with, and what was last bound from which source module.
+    """The int8 state of one quantized template module: its quantized layers (with their float masters and
+    torchao configs), the UNet's mode, and what was last bound from which source module.
 
     Build it with :meth:`quantize_copy`, which leaves the source module untouched (A1111 swaps its eager,
     float UNet back after the job).
     """
 
-    def __init__(self, template: torch.nn.Module, mode: str, layers: Dict[str, QuantizedLayer], config):
+    def __init__(self, template: torch.nn.Module, mode: str, layers: Dict[str, QuantizedLayer]):
         self.template = template
         self.mode = mode
         self.layers = layers
-        self.config = config
         self._source: Optional[weakref.ref] = None
         self._fingerprints: Dict[str, Tuple[Optional[weakref.ref], int, int]] = {}
 
@@ -191,7 +205,7 @@ class Int8Weights:
         module: torch.nn.Module,
         mode: str = INT8,
         *,
-        keep_float: Callable[[str, torch.nn.Linear], bool] = keep_float,
+        layer_mode: Callable[[str, torch.nn.Linear, str], Optional[str]] = layer_mode,
         master_device="cpu",
     ) -> "Int8Weights":
         """A copy of ``module`` with its Linears quantized (``int8_weights.template``); ``module`` is not
@@ -200,30 +214,31 @@ class Int8Weights:
         device = next(module.parameters()).device
         if mode == INT8:
             mode = choose_mode(device)
-        config = _torchao_configs()[mode]
-        selected = {
-            name: sub
-            for name, sub in module.named_modules()
-            if type(sub) is torch.nn.Linear and not keep_float(name, sub)
+        configs = _torchao_configs()
+        modes = {
+            name: layer_mode(name, sub, mode) for name, sub in module.named_modules() if type(sub) is torch.nn.Linear
         }
+        selected = {name: module.get_submodule(name) for name, chosen in modes.items() if chosen is not None}
         placeholder = torch.nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
         memo = {id(linear.weight): placeholder for linear in selected.values()}
         template = copy.deepcopy(module, memo)
         layers = {}
         for name, source_linear in selected.items():
+            config = configs[modes[name]]
             linear = template.get_submodule(name)
             linear.weight = _quantize_weight(source_linear.weight, config)
             master = source_linear.weight.detach().to(master_device, copy=True)
-            layers[name] = QuantizedLayer(name, linear, master)
-        weights = cls(template, mode, layers, config)
+            layers[name] = QuantizedLayer(name, linear, master, config)
+        weights = cls(template, mode, layers)
         weights._remember(module)
+        template._int8_weights = weights  # found by int8_weights_of (forward never reads it: no guard)
         return weights
 
     # --- writing float weights ----------------------------------------------------------------------------
 
     def _write_quantized(self, layer: QuantizedLayer, weight: torch.Tensor) -> None:
         target = layer.linear.weight
-        fresh = _quantize_weight(weight.to(device=target.qdata.device, dtype=target.dtype), self.config)
+        fresh = _quantize_weight(weight.to(device=target.qdata.device, dtype=target.dtype), layer.config)
         for name, inner in _inner_tensors(target).items():
             inner.copy_(getattr(fresh, name))
 
@@ -264,7 +279,9 @@ class Int8Weights:
 
     @staticmethod
     def _fingerprint(tensor: torch.Tensor):
-        return (weakref.ref(tensor), tensor.data_ptr(), tensor._version)
+        # Tensors created under inference_mode have no version counter: -1 marks them as always changed.
+        version = -1 if tensor.is_inference() else tensor._version
+        return (weakref.ref(tensor), tensor.data_ptr(), version)
 
     def _remember(self, source: torch.nn.Module) -> None:
         self._source = weakref.ref(source)
@@ -272,7 +289,9 @@ class Int8Weights:
 
     def _unchanged(self, name: str, tensor: torch.Tensor) -> bool:
         known = self._fingerprints.get(name)
-        return known is not None and known[0]() is tensor and known[1:] == self._fingerprint(tensor)[1:]
+        return (
+            known is not None and known[2] != -1 and known[0]() is tensor and known[1:] == self._fingerprint(tensor)[1:]
+        )
 
     @torch.no_grad()
     def bind_from(self, source: torch.nn.Module) -> WriteReport:
@@ -323,15 +342,20 @@ class Int8Weights:
         }
 
 
+def int8_weights_of(module: torch.nn.Module) -> Optional[Int8Weights]:
+    """The :class:`Int8Weights` of an int8 template (what a compiled int8 graph runs), None for a float one."""
+    return getattr(module, "_int8_weights", None)
+
+
 def _source_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     return tensors
 
 
-def quantized_layer_names(module: torch.nn.Module) -> List[str]:
+def quantized_layer_names(module: torch.nn.Module, mode: str = INT8_DYNAMIC) -> List[str]:
     """Names of the Linears :meth:`Int8Weights.quantize_copy` would quantize in ``module``."""
-    return [n for n, m in module.named_modules() if type(m) is torch.nn.Linear and not keep_float(n, m)]
+    return [n for n, m in module.named_modules() if type(m) is torch.nn.Linear and layer_mode(n, m, mode)]
 
 
 class Int8Binding:

@@ -45,9 +45,11 @@ def quant_section(
     options: Optional[CompileOptions] = None,
     warmup: int = 3,
     repeat: int = 10,
+    cache: Optional[GraphCache] = None,
 ) -> Dict[str, Any]:
     """Compile ``unet`` with int8 Linears and measure it (see the module docstring); ``second`` is a model of
-    the same structure for the switch. Neither module is modified. When int8 cannot run here the section says
+    the same structure for the switch. Neither module is modified. ``cache`` defaults to a cache of its own,
+    so that the int8 graph does not evict the bench's float graphs. When int8 cannot run here the section says
     why (``{"unavailable": reason}``) instead of failing the bench."""
     from .bench import median_ms, progress
 
@@ -56,7 +58,7 @@ def quant_section(
     if reason is not None:
         return {"unavailable": reason}
     options = CompileOptions(**{**(options or CompileOptions()).as_dict(), "quantization": INT8})
-    cache = GraphCache(max_graphs=1)  # its own: the int8 graph must not evict the bench's float graphs
+    cache = cache or GraphCache(max_graphs=1)
 
     reference = inputs.call(unet)
     lookup = cache.get(unet, backend, options)

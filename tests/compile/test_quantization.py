@@ -84,8 +84,12 @@ def test_quantize_copy_keeps_the_source_float_and_the_sensitive_layers_float():
         if type(sub) is torch.nn.Linear:
             is_int8 = type(sub.weight).__name__ == "Int8Tensor"
             assert is_int8 == (name in weights.layers), name
-            if any(part in name for part in ("time_embedding", "time_emb_proj", "attn2.to_k", "attn2.to_v")):
+            if "time_embedding" in name or "time_emb_proj" in name:
                 assert not is_int8, f"{name} should stay float"
+            elif "attn2.to_k" in name or "attn2.to_v" in name:
+                assert is_int8 and sub.weight.act_quant_kwargs is None, f"{name} should be int8 weight-only"
+            elif weights.mode == quantization.INT8_DYNAMIC:
+                assert is_int8 and sub.weight.act_quant_kwargs is not None, f"{name} should be int8 dynamic"
     assert isinstance(weights.template.conv_in.weight, torch.nn.Parameter)
     memory = weights.memory_mb()
     assert memory["int8"] < memory["float"]
@@ -104,7 +108,8 @@ def test_int8_compiled_close_to_float_eager(tiny_sd15_int8):
 
 def test_lora_fused_into_int8_graph_in_place_and_removed_exactly(tiny_sd15_int8):
     compiled = tiny_sd15_int8
-    weights = compiled.lookup.entry.binding.weights
+    weights = quantization.int8_weights_of(compiled.compiled.eager)  # the hook a LoRA fuser uses
+    assert weights is compiled.lookup.entry.binding.weights
     deltas = lora_deltas(weights)
     saved = int8_state(weights)
     pointers = {key: t.data_ptr() for key, t in int8_state_views(weights).items()}
@@ -211,5 +216,23 @@ def test_toggling_quantization_serves_the_matching_graph(graph_cache, tiny_sd15,
             assert torch.equal(output, tiny_sd15_int8.first_output)
         else:
             assert lookup.entry is tiny_sd15.lookup.entry and not quantized_layers
+            assert quantization.int8_weights_of(lookup.unet.eager) is None
             assert relative_error(output, reference) <= 1e-4
             assert relative_error(output, tiny_sd15_int8.first_output) > 1e-4
+
+
+def test_bind_skips_unchanged_tensors_but_never_trusts_inference_tensors():
+    module = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).requires_grad_(False)
+    weights = quantization.Int8Weights.quantize_copy(module)
+    assert sorted(weights.layers) == ["0", "2"]
+    assert weights.bind_from(module).unchanged == 4
+
+    module[0].weight.mul_(2)
+    report = weights.bind_from(module)
+    assert (report.quantized, report.copied, report.unchanged) == (1, 0, 3)
+
+    with torch.inference_mode():
+        made_in_inference_mode = copy.deepcopy(module)
+    weights.bind_from(made_in_inference_mode)
+    report = weights.bind_from(made_in_inference_mode)  # no version counters: everything is written again
+    assert (report.quantized, report.copied, report.unchanged) == (2, 2, 0)
