@@ -145,15 +145,24 @@ def _quantize_weight(weight: torch.Tensor, config) -> torch.Tensor:
     return holder.weight
 
 
-def _inner_tensors(tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+def _inner_tensors(tensor: torch.Tensor, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The plain tensors a torchao tensor is made of (int8 data, scale, zero point), by dotted name; nested
+    subclasses (older torchao's AffineQuantizedTensor holds a tensor_impl) are flattened down to plain ones."""
     names, _ = tensor.__tensor_flatten__()
-    return {name: getattr(tensor, name) for name in names}
+    leaves = {}
+    for name in names:
+        inner = getattr(tensor, name)
+        if hasattr(inner, "__tensor_flatten__"):
+            leaves.update(_inner_tensors(inner, f"{prefix}{name}."))
+        else:
+            leaves[prefix + name] = inner
+    return leaves
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds, counting a torchao tensor's inner int8 data and scales."""
     if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass made of inner tensors
-        return sum(tensor_bytes(inner) for inner in _inner_tensors(tensor).values())
+        return sum(inner.numel() * inner.element_size() for inner in _inner_tensors(tensor).values())
     return tensor.numel() * tensor.element_size()
 
 
@@ -242,8 +251,9 @@ class Int8Weights:
     def _write_quantized(self, layer: QuantizedLayer, weight: torch.Tensor) -> None:
         target = layer.linear.weight
         fresh = _quantize_weight(weight.to(device=target.qdata.device, dtype=target.dtype), layer.config)
+        fresh_inner = _inner_tensors(fresh)
         for name, inner in _inner_tensors(target).items():
-            inner.copy_(getattr(fresh, name))
+            inner.copy_(fresh_inner[name])
 
     @torch.no_grad()
     def write_float_weights(self, weights: Mapping[str, torch.Tensor], *, as_master: bool = True) -> WriteReport:
@@ -323,6 +333,19 @@ class Int8Weights:
         return report
 
     # --- reporting -----------------------------------------------------------------------------------------
+
+    def int8_snapshot(self) -> Dict[str, torch.Tensor]:
+        """Clones of every quantized layer's int8 data, scales and zero points (``"layer:inner"`` -> tensor),
+        to prove later that a restore brought back the same bits (:meth:`matches_snapshot`)."""
+        return {
+            f"{name}:{inner_name}": inner.clone()
+            for name, layer in self.layers.items()
+            for inner_name, inner in _inner_tensors(layer.linear.weight).items()
+        }
+
+    def matches_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> bool:
+        current = self.int8_snapshot()
+        return current.keys() == snapshot.keys() and all(torch.equal(now, snapshot[key]) for key, now in current.items())
 
     def memory_mb(self) -> Dict[str, float]:
         """Weight memory of the template as float (what the source module holds) and as int8 (on the device;

@@ -74,17 +74,13 @@ def quant_section(
         float_with_lora.get_submodule(name).weight.add_(delta.to(device, float_with_lora.dtype))
     lora_reference = inputs.call(float_with_lora)
     del float_with_lora
-    saved = {name: (layer.linear.weight.qdata.clone(), layer.linear.weight.scale.clone())
-             for name, layer in weights.layers.items()}
+    saved = weights.int8_snapshot()
     with count_new_graphs() as lora_graphs:
         weights.fuse_deltas(deltas)
         lora_output = inputs.call(lookup.unet)
         weights.restore()
         inputs.call(lookup.unet)
-    restored = all(
-        torch.equal(layer.linear.weight.qdata, saved[name][0]) and torch.equal(layer.linear.weight.scale, saved[name][1])
-        for name, layer in weights.layers.items()
-    )
+    restored = weights.matches_snapshot(saved)
 
     second_reference = inputs.call(second)
     with count_new_graphs() as switch_graphs:

@@ -23,19 +23,13 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output - reference).abs().max() / reference.abs().max()).item()
 
 
-def int8_state(weights: quantization.Int8Weights):
-    """Clones of every quantized layer's inner int8 data, scales and zero points."""
+def int8_state_views(weights):
+    """The captured inner tensors themselves (to check that writes stay in place)."""
     return {
-        (name, inner_name): inner.clone()
+        (name, inner_name): inner
         for name, layer in weights.layers.items()
         for inner_name, inner in quantization._inner_tensors(layer.linear.weight).items()
     }
-
-
-def assert_same_int8_state(weights, saved):
-    for (name, inner_name), before in saved.items():
-        after = quantization._inner_tensors(weights.layers[name].linear.weight)[inner_name]
-        assert torch.equal(after, before), f"{name}.{inner_name} differs"
 
 
 def lora_deltas(weights: quantization.Int8Weights, rank: int = 4, strength: float = 0.5, seed: int = 3):
@@ -111,7 +105,7 @@ def test_lora_fused_into_int8_graph_in_place_and_removed_exactly(tiny_sd15_int8)
     weights = quantization.int8_weights_of(compiled.compiled.eager)  # the hook a LoRA fuser uses
     assert weights is compiled.lookup.entry.binding.weights
     deltas = lora_deltas(weights)
-    saved = int8_state(weights)
+    saved = weights.int8_snapshot()
     pointers = {key: t.data_ptr() for key, t in int8_state_views(weights).items()}
 
     float_with_lora = copy.deepcopy(compiled.unet)
@@ -132,17 +126,9 @@ def test_lora_fused_into_int8_graph_in_place_and_removed_exactly(tiny_sd15_int8)
     assert lora_effect > 5 * REL_TOL, "the test LoRA is too weak to tell fused from unfused"
     assert error <= REL_TOL
     assert {key: t.data_ptr() for key, t in int8_state_views(weights).items()} == pointers, "not in place"
-    assert_same_int8_state(weights, saved)
+    assert weights.matches_snapshot(saved)
     assert not any(layer.fused for layer in weights.layers.values())
     assert torch.equal(restored_output, compiled.first_output)
-
-
-def int8_state_views(weights):
-    return {
-        (name, inner_name): inner
-        for name, layer in weights.layers.items()
-        for inner_name, inner in quantization._inner_tensors(layer.linear.weight).items()
-    }
 
 
 def test_in_place_change_of_the_eager_unet_requantizes_only_that_layer(graph_cache, tiny_sd15_int8):
@@ -150,7 +136,7 @@ def test_in_place_change_of_the_eager_unet_requantizes_only_that_layer(graph_cac
     re-quantizes only what changed, and writing the backup back restores the int8 data exactly."""
     compiled, eager = tiny_sd15_int8, tiny_sd15_int8.unet
     weights = compiled.lookup.entry.binding.weights
-    saved = int8_state(weights)
+    saved = weights.int8_snapshot()
     name = next(iter(lora_deltas(weights)))
     target = eager.get_submodule(name).weight
     backup = target.clone()
@@ -169,7 +155,7 @@ def test_in_place_change_of_the_eager_unet_requantizes_only_that_layer(graph_cac
     assert unchanged.reused and unchanged.copied_tensors == 0
     assert changed.copied_tensors == 1
     assert relative_error(changed_output, compiled.inputs.call(eager)) <= REL_TOL
-    assert_same_int8_state(weights, saved)
+    assert weights.matches_snapshot(saved)
     assert torch.equal(restored_output, compiled.first_output)
 
 
