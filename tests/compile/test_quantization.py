@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from compile import CompileOptions, count_new_graphs
+from compile import CompileOptions, GraphCache, count_new_graphs
 from compile import quantization
 from compile.models import build_preset
 
@@ -48,7 +48,7 @@ def lora_deltas(weights: quantization.Int8Weights, rank: int = 4, strength: floa
     return deltas
 
 
-def test_int8_available_on_this_machine_and_reason_when_torchao_is_missing(monkeypatch):
+def test_int8_available_on_this_machine_and_a_plain_reason_when_torchao_is_missing(monkeypatch):
     assert quantization.int8_availability("cpu") is None
     assert quantization.choose_mode("cpu") in (quantization.INT8_DYNAMIC, quantization.INT8_WEIGHT_ONLY)
 
@@ -56,10 +56,17 @@ def test_int8_available_on_this_machine_and_reason_when_torchao_is_missing(monke
         raise ImportError("No module named 'torchao'")
 
     monkeypatch.setattr(quantization, "_torchao_configs", missing)
-    quantization._probe.cache_clear()
+    quantization._probe.cache_clear()  # probes are cached per device and mode
     try:
         reason = quantization.int8_availability("cpu")
+        with pytest.raises(quantization.Int8Unavailable, match="torchao"):
+            quantization.choose_mode("cpu")
+        cache = GraphCache()
+        with pytest.raises(quantization.Int8Unavailable):
+            cache.get(build_preset("tiny"), "inductor", INT8)
+        assert cache.entries() == []  # nothing half-built is cached: the job can run float
     finally:
+        monkeypatch.undo()
         quantization._probe.cache_clear()
     assert reason is not None and "torchao" in reason
 
