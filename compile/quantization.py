@@ -318,6 +318,8 @@ class Int8Weights:
         tensor object, storage and version counter) are skipped, so a job with an untouched eager UNet costs
         nothing and an in-place LoRA on it re-quantizes only the layers it wrote. ``source`` is not modified."""
         start = time.perf_counter()
+        if source is self.template:  # its own tensors: nothing to write (and its weights are int8 already)
+            return WriteReport()
         same_source = self._source is not None and self._source() is source
         template_tensors = tensors_by_name(self.template)
         changed_layers = {}
@@ -385,6 +387,11 @@ class Int8Binding:
     module of the same structure (checkpoint switch) or the same module changed in place (A1111's LoRA) is
     bound through :meth:`Int8Weights.bind_from`: re-quantized in place, 0 recompiles. The module handed in
     is never modified or aliased, so the eager UNet stays float.
+
+    Device memory: the template holds the int8 Linears and its own copy of the tensors it keeps float
+    (convolutions, norms, embeddings: 72% of SD1.5's weights, 14% of SDXL's), beside the eager UNet. Sharing
+    those with the eager UNet would save that copy, but a checkpoint switch would then write into the first
+    module's tensors, as the float binding does; the float masters of the int8 layers live on the CPU.
     """
 
     def __init__(self, module: torch.nn.Module, mode: str = INT8):

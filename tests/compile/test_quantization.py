@@ -219,6 +219,7 @@ def test_bind_skips_unchanged_tensors_but_never_trusts_inference_tensors():
     weights = quantization.Int8Weights.quantize_copy(module)
     assert sorted(weights.layers) == ["0", "2"]
     assert weights.bind_from(module).unchanged == 4
+    assert weights.bind_from(weights.template) == quantization.WriteReport()
 
     module[0].weight.mul_(2)
     report = weights.bind_from(module)
