@@ -248,7 +248,9 @@ class Int8Weights:
             layers[name] = QuantizedLayer(name, linear, master, config)
         weights = cls(template, mode, layers)
         weights._remember(module)
-        template._int8_weights = weights  # found by int8_weights_of (forward never reads it: no guard)
+        # Found by int8_weights_of; a weak reference, so that no cycle delays freeing an evicted template's
+        # device memory until a garbage collection (forward never reads it: no guard).
+        template._int8_weights = weakref.ref(weights)
         return weights
 
     # --- writing float weights ----------------------------------------------------------------------------
@@ -377,7 +379,8 @@ class Int8Weights:
 
 def int8_weights_of(module: torch.nn.Module) -> Optional[Int8Weights]:
     """The :class:`Int8Weights` of an int8 template (what a compiled int8 graph runs), None for a float one."""
-    return getattr(module, "_int8_weights", None)
+    reference = getattr(module, "_int8_weights", None)
+    return reference() if reference is not None else None
 
 
 class Int8Binding:
