@@ -3,7 +3,8 @@
 Asking for a compiled UNet for a module whose key is cached returns the cached graph with the module's
 weights written in place into the storage that graph captured: a checkpoint switch costs a copy, never a
 compile. A module with another signature (SD1 vs SD2 heads, a 9-channel inpainting UNet, SDXL) never matches
-and gets its own graph.
+and gets its own graph. An int8 graph (``CompileOptions(quantization="int8")``) is keyed apart from the float
+one and binds through :class:`compile.quantization.Int8Binding` (re-quantized in place).
 """
 
 from __future__ import annotations
@@ -19,7 +20,33 @@ import torch
 from .backends import AUTO, CompileOptions, compile_module, resolve_backend
 from .counters import RecompileLimitWatcher, compiled_graph_count
 from .signature import StructureSignature, structure_signature
-from .weights import bind_weights
+from .weights import BindReport, bind_weights
+
+
+class FloatBinding:
+    """Weight binding of an unquantized graph: the first module is compiled as it is (its tensors are the
+    captured storage), a later one is copied into that storage and aliased to it (:func:`bind_weights`)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.template = module
+
+    def bind(self, source: torch.nn.Module) -> BindReport:
+        return bind_weights(source, self.template)
+
+    def describe(self) -> Dict[str, Any]:
+        return {}
+
+
+def binding_for(options: CompileOptions, module: torch.nn.Module):
+    """The weight binding for ``options.quantization``: it builds the module to compile (the template) from
+    ``module`` and writes later modules' weights into it."""
+    if not options.quantization:
+        return FloatBinding(module)
+    from .quantization import INT8, Int8Binding
+
+    if options.quantization == INT8:
+        return Int8Binding(module)
+    raise ValueError(f"unknown quantization '{options.quantization}' (choose '' or '{INT8}')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +102,13 @@ class CompiledUNet(torch.nn.Module):
 
 @dataclasses.dataclass(eq=False)
 class GraphEntry:
-    """One compiled graph and the module whose tensors it captured."""
+    """One compiled graph, the module whose tensors it captured, and the binding that writes into them."""
 
     key: GraphKey
     signature: StructureSignature
     module: torch.nn.Module
     compiled: Any
+    binding: Any  # FloatBinding or quantization.Int8Binding
     created: float = dataclasses.field(default_factory=time.time)
     compile_s: Optional[float] = None  # filled by the first call
     graphs: int = 0  # graphs dynamo compiled on the first call
@@ -103,6 +131,7 @@ class GraphEntry:
             "recompiles": self.recompiles,
             "calls": self.calls,
             "reuses": self.reuses,
+            **self.binding.describe(),
         }
 
 
@@ -156,12 +185,13 @@ class GraphCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-                report = bind_weights(module, entry.module)
+                report = entry.binding.bind(module)
                 entry.reuses += 1
                 self.reuses += 1
                 return Lookup(entry.unet, entry, True, report.bind_ms, report.copied)
-            compiled = compile_module(module, key.backend, key.options)
-            entry = GraphEntry(key=key, signature=signature, module=module, compiled=compiled)
+            binding = binding_for(key.options, module)
+            compiled = compile_module(binding.template, key.backend, key.options)
+            entry = GraphEntry(key, signature, binding.template, compiled, binding=binding)
             entry.unet = CompiledUNet(entry)
             self._entries[key] = entry
             self.compiles += 1

@@ -18,7 +18,7 @@ os.environ.setdefault(
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from compile import GraphCache  # noqa: E402
+from compile import CompileOptions, GraphCache  # noqa: E402
 from compile.models import build_preset, example_inputs  # noqa: E402
 
 
@@ -38,10 +38,10 @@ def graph_cache():
 class Compiled:
     """A preset UNet, its compiled counterpart from the session cache (already called once), and inputs."""
 
-    def __init__(self, cache, preset, **overrides):
+    def __init__(self, cache, preset, options=None, **overrides):
         self.unet = build_preset(preset, seed=0, **overrides)
         self.inputs = example_inputs(self.unet)
-        self.lookup = cache.get(self.unet, "inductor")
+        self.lookup = cache.get(self.unet, "inductor", options)
         self.compiled = self.lookup.unet
         self.first_output = self.inputs.call(self.compiled)
 
@@ -54,3 +54,9 @@ def tiny_sd15(graph_cache):
 @pytest.fixture(scope="session")
 def tiny_sdxl(graph_cache):
     return Compiled(graph_cache, "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_int8(graph_cache):
+    """The ``tiny`` UNet compiled with int8 Linears (its own graph; ``unet`` stays the float eager module)."""
+    return Compiled(graph_cache, "tiny", options=CompileOptions(quantization="int8"))
