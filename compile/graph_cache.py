@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import threading
 import time
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -20,18 +21,22 @@ import torch
 from .backends import AUTO, CompileOptions, compile_module, resolve_backend
 from .counters import RecompileLimitWatcher, compiled_graph_count
 from .signature import StructureSignature, structure_signature
-from .weights import BindReport, bind_weights
+from .weights import BindReport, aliasing_clone, bind_weights
 
 
 class FloatBinding:
-    """Weight binding of an unquantized graph: the first module is compiled as it is (its tensors are the
-    captured storage), a later one is copied into that storage and aliased to it (:func:`bind_weights`)."""
+    """Weight binding of an unquantized graph. The graph is traced from a private aliasing clone of the first
+    module (same storage, own objects); a later module's weights are copied into that storage, it becomes the
+    storage's owner, and the previous owner keeps its own weights (:func:`bind_weights`)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.template = module
+        self.template = aliasing_clone(module)
+        self._owner = weakref.ref(module)
 
     def bind(self, source: torch.nn.Module) -> BindReport:
-        return bind_weights(source, self.template)
+        report = bind_weights(source, self.template, previous_owner=self._owner())
+        self._owner = weakref.ref(source)
+        return report
 
     def describe(self) -> Dict[str, Any]:
         return {}

@@ -403,7 +403,7 @@ class Int8Binding:
 
     def bind(self, source: torch.nn.Module) -> BindReport:
         report = self.weights.bind_from(source)
-        return BindReport(copied=report.quantized + report.copied, shared=0, bind_ms=report.ms)
+        return BindReport(copied=report.quantized + report.copied, swapped=0, bind_ms=report.ms)
 
     def describe(self) -> Dict[str, object]:
         return {"quantization": self.weights.describe()}

@@ -3,23 +3,32 @@
 Compiled graphs (CUDA graphs, OneFlow graphs, inductor with parameters as inputs) read weights from the
 storage they captured, so a new checkpoint must be written *into* that storage: ``copy_``, data pointers
 unchanged. Replacing a tensor object would leave a graph that captured addresses reading stale weights.
+
+The graph is traced from a private :func:`aliasing_clone` of the first module: its own module and tensor
+objects over the *same* storage, so compiling costs no memory. The eager module that currently reads the
+captured storage is its *owner*. When another module is bound, its weights go into the captured storage and
+the previous owner, if still alive (A1111 keeps several checkpoints loaded with ``sd_checkpoints_limit > 1``),
+gets its own values back in the storage the new module gave up: no model ever ends up holding another
+checkpoint's weights, and no extra copy of the UNet is kept.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 
 @dataclasses.dataclass
 class BindReport:
-    """What :func:`bind_weights` did: how many tensors it copied and how long it took."""
+    """What :func:`bind_weights` did: tensors copied into the captured storage, how many of those the previous
+    owner got back in swapped storage, and how long it took."""
 
     copied: int
-    shared: int
+    swapped: int
     bind_ms: float
 
 
@@ -35,35 +44,83 @@ def _owner_and_name(module: torch.nn.Module, qualified: str):
     return (module.get_submodule(owner_path) if owner_path else module), leaf
 
 
-@torch.no_grad()
-def bind_weights(source: torch.nn.Module, captured: torch.nn.Module, *, share_storage: bool = True) -> BindReport:
-    """Copy ``source``'s weights in place into ``captured``'s tensors (the ones a compiled graph holds).
+def aliasing_clone(module: torch.nn.Module, _memo: Optional[dict] = None) -> torch.nn.Module:
+    """A copy of ``module``'s tree with new module and tensor objects viewing the same storage (no data copied).
 
-    With ``share_storage`` (and matching devices) ``source``'s parameters are then pointed at the captured
-    storage, so the eager module and the graph hold one copy of the weights, and a later in-place write into
-    ``source`` (A1111 reloading a checkpoint into the same object, LoRA) reaches the graph too. Both modules
-    must have the same structure signature; this is checked by the caller (the graph cache).
+    Other attributes are shared shallowly (configs, A1111's per-module bookkeeping); hook dictionaries are
+    copied so hooks added to one tree later do not appear in the other.
+    """
+    memo = {} if _memo is None else _memo
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = copy.copy(module)
+    memo[id(module)] = clone
+    for key, value in list(vars(clone).items()):
+        if key.startswith("_") and key.endswith("hooks") and isinstance(value, dict):
+            setattr(clone, key, type(value)(value))
+
+    def alias(tensor):
+        if tensor is None:
+            return None
+        if id(tensor) not in memo:  # tied tensors stay tied
+            if isinstance(tensor, torch.nn.Parameter):
+                memo[id(tensor)] = torch.nn.Parameter(tensor.data, requires_grad=tensor.requires_grad)
+            else:
+                memo[id(tensor)] = tensor.detach()
+        return memo[id(tensor)]
+
+    clone._parameters = {name: alias(p) for name, p in module._parameters.items()}
+    clone._buffers = {name: alias(b) for name, b in module._buffers.items()}
+    clone._modules = {name: None if m is None else aliasing_clone(m, memo) for name, m in module._modules.items()}
+    return clone
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.data_ptr() == b.data_ptr()
+
+
+def _point_at(module: torch.nn.Module, name: str, tensor: torch.Tensor, storage: torch.Tensor) -> None:
+    """Make ``module``'s tensor ``name`` (object ``tensor``) read ``storage``."""
+    if isinstance(tensor, torch.nn.Parameter):
+        tensor.data = storage
+    else:
+        owner, leaf = _owner_and_name(module, name)
+        owner._buffers[leaf] = storage
+
+
+@torch.no_grad()
+def bind_weights(
+    source: torch.nn.Module, captured: torch.nn.Module, previous_owner: Optional[torch.nn.Module] = None
+) -> BindReport:
+    """Copy ``source``'s weights in place into ``captured``'s tensors (the ones a compiled graph holds), and
+    point ``source``'s tensors at that storage, so eager and compiled share one copy and later in-place writes
+    into ``source`` (a checkpoint reloaded into the same object, LoRA) reach the graph.
+
+    ``previous_owner`` is the module bound before. Where it still reads the captured storage, it is handed the
+    storage ``source`` gives up, holding its own values again. Both modules must have ``captured``'s structure
+    signature; the graph cache checks that.
     """
     start = time.perf_counter()
-    if source is captured:
-        return BindReport(copied=0, shared=0, bind_ms=0.0)
     captured_tensors = tensors_by_name(captured)
-    copied = shared = 0
+    previous = tensors_by_name(previous_owner) if previous_owner is not None and previous_owner is not source else {}
+    copied = swapped = 0
     for name, tensor in tensors_by_name(source).items():
         target = captured_tensors[name]
-        if tensor.data_ptr() == target.data_ptr() and tensor.device == target.device:
+        if _same_storage(tensor, target):
             continue  # already the captured storage
+        old = previous.get(name)
+        hand_back = old is not None and _same_storage(old, target) and tensor.device == target.device
+        saved = target.clone() if hand_back else None
         target.copy_(tensor)
         copied += 1
-        if share_storage and isinstance(tensor, torch.nn.Parameter) and tensor.device == target.device:
-            tensor.data = target.data
-            shared += 1
-        elif share_storage and not isinstance(tensor, torch.nn.Parameter) and tensor.device == target.device:
-            owner, leaf = _owner_and_name(source, name)
-            if leaf in owner._buffers:
-                owner._buffers[leaf] = target
-                shared += 1
-    return BindReport(copied=copied, shared=shared, bind_ms=(time.perf_counter() - start) * 1000.0)
+        if tensor.device != target.device:
+            continue  # the source lives elsewhere (e.g. offloaded): the graph has its copy, nothing to share
+        if hand_back:
+            tensor.copy_(saved)
+            _point_at(previous_owner, name, old, tensor.detach())
+            swapped += 1
+        _point_at(source, name, tensor, target.detach())
+    return BindReport(copied=copied, swapped=swapped, bind_ms=(time.perf_counter() - start) * 1000.0)
 
 
 def data_pointers(module: torch.nn.Module) -> Dict[str, int]:

@@ -121,6 +121,12 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
 
         with progress("LoRA: fuse, switch, unfuse into the compiled graph", every_s=30.0):
             lora = lora_section(lookup.entry.module, lookup.unet, inputs)
+    quant = None
+    if args.quant == "int8":
+        from onediff_sd_webui_extensions.bench_quant import quant_section
+
+        quant = quant_section(unet, second, inputs, backend, compiled_ms, options=options,
+                              warmup=args.warmup, repeat=args.repeat)
 
     # Checkpoint switch: the second model's weights go into the captured storage; eager reference first,
     # because binding points the second model's parameters at that storage.
@@ -153,6 +159,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if lora is not None:
         report["lora"] = lora
+    if quant is not None:
+        report["quant"] = quant
     return report
 
 
@@ -180,6 +188,17 @@ def format_table(report: Dict[str, Any]) -> str:
             ("LoRA under the graph", f"new graphs {lora['new_graphs']}, max abs diff vs eager {lora['max_abs_diff']:.2e}, "
                                      f"restored exactly={lora['restored_exactly']}"),
         ]
+    quant = report.get("quant")
+    if quant and "unavailable" in quant:
+        rows.append(("int8", f"not available: {quant['unavailable']}"))
+    elif quant:
+        rows += [
+            ("int8 compiled step", f"{quant['compiled_ms']:.2f} ms ({quant['speedup_vs_float_compiled']:.2f}x vs float "
+                                   f"compiled), max rel err {quant['max_rel_err']:.4f}"),
+            ("int8 weights", f"{quant['weight_mb_float']:.1f} MB float -> {quant['weight_mb_int8']:.1f} MB"),
+            ("int8 LoRA / switch", f"new graphs {quant['lora_new_graphs']} / {quant['switch_new_graphs']}, "
+                                   f"LoRA max rel err {quant['lora_max_rel_err']:.4f}"),
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
@@ -200,6 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
                         help="fuse a rank-16 LoRA into the compiled graph and time it (default: on)")
+    parser.add_argument("--quant", default="none", choices=["none", "int8"],
+                        help="also compile an int8 (torchao) graph and compare it with float (default: none)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
 
 

@@ -45,6 +45,11 @@ class Compiled:
         self.compiled = self.lookup.unet
         self.first_output = self.inputs.call(self.compiled)
 
+    @property
+    def captured(self):
+        """The module whose tensors the graph reads (a private alias of the first module's storage)."""
+        return self.lookup.entry.module
+
 
 @pytest.fixture(scope="session")
 def tiny_sd15(graph_cache):

@@ -15,9 +15,9 @@ def max_abs_diff(a, b):
 
 @pytest.fixture
 def restore_tiny_weights(graph_cache, tiny_sd15):
-    """Tests below write other weights into the shared graph; put the seed-0 weights back afterwards."""
+    """Tests below bind other weights into the shared graph; bind the fixture's seed-0 UNet again afterwards."""
     yield
-    graph_cache.get(build_preset("tiny", seed=0), "inductor")
+    graph_cache.get(tiny_sd15.unet, "inductor")
 
 
 def test_compiled_matches_eager_sd15_shape(tiny_sd15):
@@ -35,7 +35,8 @@ def test_compiled_matches_eager_sdxl_shape(tiny_sdxl):
 def test_same_structure_switch_reuses_graph_with_new_weights(graph_cache, tiny_sd15, restore_tiny_weights):
     second = build_preset("tiny", seed=7)
     expected = tiny_sd15.inputs.call(second)  # eager, on the second model's own weights
-    pointers = data_pointers(tiny_sd15.unet)
+    first_expected = tiny_sd15.inputs.call(tiny_sd15.unet)
+    pointers = data_pointers(tiny_sd15.captured)
 
     with count_new_graphs() as counted:
         lookup = graph_cache.get(second, "inductor")
@@ -45,7 +46,22 @@ def test_same_structure_switch_reuses_graph_with_new_weights(graph_cache, tiny_s
     assert counted.new_graphs == 0
     assert max_abs_diff(output, expected) <= TOLERANCE
     assert max_abs_diff(output, tiny_sd15.first_output) > 100 * TOLERANCE  # the new weights really are used
-    assert data_pointers(tiny_sd15.unet) == pointers
+    assert data_pointers(tiny_sd15.captured) == pointers
+    # the first model is still loaded (as with A1111's sd_checkpoints_limit > 1): it keeps its own weights
+    assert max_abs_diff(tiny_sd15.inputs.call(tiny_sd15.unet), first_expected) == 0
+    assert torch.equal(tiny_sd15.inputs.call(second), expected)
+
+
+def test_switching_back_to_a_model_still_loaded_serves_its_weights(graph_cache, tiny_sd15, restore_tiny_weights):
+    """A -> B -> A with both kept alive: the graph must serve A's weights again, not B's."""
+    first, second = tiny_sd15.unet, build_preset("tiny", seed=11)
+    first_expected, second_expected = tiny_sd15.inputs.call(first), tiny_sd15.inputs.call(second)
+    with count_new_graphs() as counted:
+        for model, expected in ((second, second_expected), (first, first_expected), (second, second_expected)):
+            output = tiny_sd15.inputs.call(graph_cache.get(model, "inductor").unet)
+            assert max_abs_diff(output, expected) <= TOLERANCE
+    assert counted.new_graphs == 0
+    assert torch.equal(tiny_sd15.inputs.call(first), first_expected)
 
 
 def test_in_place_reload_into_the_same_object_needs_no_rebind(graph_cache, tiny_sd15, restore_tiny_weights):
@@ -60,13 +76,13 @@ def test_in_place_reload_into_the_same_object_needs_no_rebind(graph_cache, tiny_
 
 
 def test_other_structure_is_never_served_by_the_cached_graph(graph_cache, tiny_sd15):
-    before = {name: t.clone() for name, t in tiny_sd15.unet.state_dict().items()}
+    before = {name: t.clone() for name, t in tiny_sd15.captured.state_dict().items()}
     for overrides in ({"in_channels": 9}, {"attention_head_dim": 4}):
         other = build_preset("tiny", seed=3, **overrides)
         lookup = graph_cache.get(other, "inductor")  # compiled lazily; not called here
         assert not lookup.reused and lookup.entry is not tiny_sd15.lookup.entry
         assert lookup.entry.key.signature != tiny_sd15.lookup.entry.key.signature
-    for name, tensor in tiny_sd15.unet.state_dict().items():  # nothing was written into the 4-channel graph
+    for name, tensor in tiny_sd15.captured.state_dict().items():  # nothing was written into the 4-channel graph
         assert torch.equal(tensor, before[name]), name
 
 

@@ -97,7 +97,7 @@ def test_text_encoder_keys_are_skipped_and_unknown_formats_refused(tmp_path):
 def test_fused_compiled_matches_eager_with_no_new_graphs(tiny_sd15):
     """add, switch, reweight, several at once, remove: each compiled result equals eager on reference-patched
     weights, nothing is recompiled, data pointers never move, and removal restores the weights bit for bit."""
-    unet, compiled, inputs = tiny_sd15.unet, tiny_sd15.compiled, tiny_sd15.inputs
+    unet, compiled, inputs = tiny_sd15.captured, tiny_sd15.compiled, tiny_sd15.inputs
     pristine = copy.deepcopy(unet)
     pointers = data_pointers(unet)
     lora_a = random_kohya_lora(unet, seed=10, conv_modules=_conv_targets(unet))

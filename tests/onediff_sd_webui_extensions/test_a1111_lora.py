@@ -229,7 +229,7 @@ def test_compiled_unet_runs_original_forwards_and_never_recompiles(tiny_sd15, lo
     applied sets) are set on the UNet's modules, as in the webui: the compiled graph runs with eagerly applied
     LoRA weights, equal to eager, with no new graph — while outside the block the patched forwards keep
     running (the text encoder path)."""
-    unet, compiled, inputs = tiny_sd15.unet, tiny_sd15.compiled, tiny_sd15.inputs
+    unet, compiled, inputs = tiny_sd15.captured, tiny_sd15.compiled, tiny_sd15.inputs
     pristine = copy.deepcopy(unet)
     name_modules(unet)
     network_a = random_network(unet, "a", 1.0, seed=3)
