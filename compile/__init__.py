@@ -15,5 +15,6 @@ from .backends import (
 )
 from .counters import RecompileLimitWatcher, compiled_graph_count, count_new_graphs
 from .graph_cache import CompiledUNet, GraphCache, GraphEntry, GraphKey, Lookup
+from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
 from .weights import BindReport, bind_weights, data_pointers, tensors_by_name

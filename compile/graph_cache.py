@@ -4,11 +4,15 @@ Asking for a compiled UNet for a module whose key is cached returns the cached g
 weights written in place into the storage that graph captured: a checkpoint switch costs a copy, never a
 compile. A module with another signature (SD1 vs SD2 heads, a 9-channel inpainting UNet, SDXL) never matches
 and gets its own graph.
+
+With a :class:`compile.persistent_cache.PersistentCache` the compiled code also outlives the process: a graph
+whose key was compiled in an earlier run loads torch's cached kernels on its first call instead of compiling.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import time
@@ -18,6 +22,7 @@ import torch
 
 from .backends import AUTO, CompileOptions, compile_module, resolve_backend
 from .counters import RecompileLimitWatcher, compiled_graph_count
+from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
 from .weights import bind_weights
 
@@ -55,15 +60,19 @@ class CompiledUNet(torch.nn.Module):
         graphs_before = compiled_graph_count()
         first_call = entry.compile_s is None
         start = time.perf_counter()
-        output = self.graph(*args, **kwargs)
+        with entry.stored.activated() if entry.stored is not None else contextlib.nullcontext():
+            output = self.graph(*args, **kwargs)
+        new_graphs = compiled_graph_count() - graphs_before
         if first_call:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             entry.compile_s = time.perf_counter() - start
-            entry.graphs += compiled_graph_count() - graphs_before
+            entry.graphs += new_graphs
         else:
-            entry.recompiles += compiled_graph_count() - graphs_before
+            entry.recompiles += new_graphs
         entry.calls += 1
+        if entry.stored is not None and (first_call or new_graphs):
+            entry.stored.save(entry.compile_s)  # record what inductor wrote, so the next process can load it
         return output
 
     def __getattr__(self, name: str) -> Any:
@@ -88,6 +97,22 @@ class GraphEntry:
     calls: int = 0
     reuses: int = 0
     unet: Optional[CompiledUNet] = None
+    stored: Optional[StoredGraph] = None  # its persistent cache entry, when the GraphCache has one
+
+    @property
+    def cache_hit(self) -> Optional[bool]:
+        """True when the first call loads from the persistent cache, False when it compiles, None without one."""
+        return None if self.stored is None else self.stored.hit
+
+    @property
+    def cache_problem(self) -> Optional[str]:
+        """Why a stored entry was refused (corrupt, other key, unreadable), to show the user; else None."""
+        return None if self.stored is None else self.stored.problem
+
+    @property
+    def expected_s(self) -> Optional[float]:
+        """How long the first call took last time for this key (from the persistent cache), if known."""
+        return None if self.stored is None else self.stored.expected_s
 
     def describe(self) -> Dict[str, Any]:
         return {
@@ -103,6 +128,9 @@ class GraphEntry:
             "recompiles": self.recompiles,
             "calls": self.calls,
             "reuses": self.reuses,
+            "cache_hit": self.cache_hit,
+            "cache_problem": self.cache_problem,
+            "expected_s": self.expected_s,
         }
 
 
@@ -117,19 +145,23 @@ class Lookup:
     copied_tensors: int
 
     def summary(self) -> str:
+        entry = self.entry
         if self.reused:
-            return f"reused compiled graph {self.entry.signature.short()} (weights bound in {self.bind_ms:.1f} ms)"
-        return f"compiling a new graph {self.entry.signature.short()} with {self.entry.key.backend}"
+            return f"reused compiled graph {entry.signature.short()} (weights bound in {self.bind_ms:.1f} ms)"
+        if entry.cache_hit:
+            return f"loading graph {entry.signature.short()} from the compile cache"
+        problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
+        return f"compiling a new graph {entry.signature.short()} with {entry.key.backend}{problem}"
 
 
 class GraphCache:
     """Compiled graphs by :class:`GraphKey`, least recently used first out beyond ``max_graphs``.
 
     Each entry keeps the module it compiled, because the graph reads that module's tensors; evicting an
-    entry releases both.
+    entry releases both. ``persistent`` (optional) keeps the compiled code on disk across processes.
     """
 
-    def __init__(self, max_graphs: int = 2):
+    def __init__(self, max_graphs: int = 2, persistent: Optional[PersistentCache] = None):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         self.max_graphs = max_graphs
@@ -138,6 +170,7 @@ class GraphCache:
         self.compiles = 0
         self.reuses = 0
         self.evictions = 0
+        self.persistent = persistent
         self.recompile_limit_watcher = RecompileLimitWatcher.install()
 
     def key_for(self, module: torch.nn.Module, backend: str = AUTO, options: Optional[CompileOptions] = None):
@@ -160,8 +193,9 @@ class GraphCache:
                 entry.reuses += 1
                 self.reuses += 1
                 return Lookup(entry.unet, entry, True, report.bind_ms, report.copied)
+            stored = self.persistent.open(key) if self.persistent is not None else None
             compiled = compile_module(module, key.backend, key.options)
-            entry = GraphEntry(key=key, signature=signature, module=module, compiled=compiled)
+            entry = GraphEntry(key=key, signature=signature, module=module, compiled=compiled, stored=stored)
             entry.unet = CompiledUNet(entry)
             self._entries[key] = entry
             self.compiles += 1
@@ -186,5 +220,6 @@ class GraphCache:
             "evictions": self.evictions,
             "recompiles": sum(entry.recompiles for entry in self._entries.values()),
             "recompile_limit_hits": list(self.recompile_limit_watcher.messages),
+            "persistent_cache": self.persistent.status() if self.persistent is not None else None,
             "graphs": [entry.describe() for entry in self._entries.values()],
         }
