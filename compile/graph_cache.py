@@ -111,7 +111,7 @@ class GraphEntry:
 
     @property
     def expected_s(self) -> Optional[float]:
-        """How long the first call took last time for this key (from the persistent cache), if known."""
+        """On a persistent cache hit: how long loading this entry took last time, if known (for the UI)."""
         return None if self.stored is None else self.stored.expected_s
 
     def describe(self) -> Dict[str, Any]:

@@ -173,8 +173,8 @@ class StoredGraph:
     """One key's folder in the persistent cache, as used by one compiled graph.
 
     ``hit`` says the folder held a verified entry when the graph was created; ``problem`` is the message to
-    show when an entry was found but refused; ``expected_s`` is how long the first call took the last time
-    (the cold compile on a miss, the cached load on a hit) when known.
+    show when an entry was found but refused; ``expected_s`` is how long loading this entry took the last
+    time it was loaded, when known (the manifest also keeps the original cold ``compile_s``).
     """
 
     cache: "PersistentCache"
@@ -211,6 +211,8 @@ class StoredGraph:
                 if name != MANIFEST:
                     file_path = os.path.join(self.path, name)
                     files[name] = {"size": os.path.getsize(file_path), "sha256": _sha256(file_path)}
+            if not files:
+                return  # nothing compiled here (the graph came from dynamo's in-memory cache): nothing to record
             previous = self.manifest or {}
             manifest = {
                 "key": self.fields,
@@ -247,8 +249,8 @@ class PersistentCache:
         """Verify the entry for ``fields`` without changing anything."""
         path = self.entry_path(fields)
         manifest_path = os.path.join(path, MANIFEST)
-        if not os.path.isdir(path):
-            return Check("miss")
+        if not os.path.isdir(path) or not os.listdir(path):
+            return Check("miss")  # nothing stored (an empty folder is what open() prepares)
         where = f"compile cache entry {path}"
         if not os.path.exists(manifest_path):
             return Check("invalid", f"{where} has no manifest (an interrupted compile?)")
@@ -294,8 +296,7 @@ class PersistentCache:
             path = self.entry_path(fields)
             if verdict.status == "hit":
                 manifest = verdict.manifest
-                expected = manifest.get("load_s") or manifest.get("compile_s")
-                return StoredGraph(self, path, fields, True, None, expected, manifest, self.generation)
+                return StoredGraph(self, path, fields, True, None, manifest.get("load_s"), manifest, self.generation)
             problem = verdict.problem
             if problem:
                 logger.warning("%s; compiling again", problem)

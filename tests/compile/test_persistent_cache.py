@@ -186,7 +186,6 @@ def test_damaged_entry_is_reported_and_emptied(tmp_path, damage, message):
     cache, key, stored = _stored_toy_entry(tmp_path)
     fields = key_fields(key)
     assert cache.check(fields).status == "hit"
-    assert cache.open(key).expected_s == 12.5  # "took ~12 s last time"
     kernel = os.path.join(stored.inductor_folder, "ab", "kernel.so")
     manifest = os.path.join(stored.path, MANIFEST)
     if damage == "flip":
@@ -211,6 +210,16 @@ def test_damaged_entry_is_reported_and_emptied(tmp_path, damage, message):
     reopened = cache.open(key)
     assert not reopened.hit and message in reopened.problem
     assert os.listdir(reopened.path) == []
+
+
+def test_manifest_keeps_cold_compile_and_last_load_time(tmp_path):
+    cache, key, _ = _stored_toy_entry(tmp_path)  # a miss whose first call (the compile) took 12.5 s
+    loaded = cache.open(key)
+    assert loaded.hit and loaded.expected_s is None  # never loaded yet: no load time to announce
+    loaded.save(first_call_s=3.0)  # what CompiledUNet does after a hit's first call
+    reloaded = cache.open(key)
+    assert reloaded.hit and reloaded.expected_s == 3.0  # "loading, took ~3 s last time"
+    assert (reloaded.manifest["compile_s"], reloaded.manifest["load_s"]) == (12.5, 3.0)
 
 
 def test_size_and_clear(tmp_path):
