@@ -111,7 +111,7 @@ class GraphEntry:
 
     @property
     def expected_s(self) -> Optional[float]:
-        """On a persistent cache hit: how long loading this entry took last time, if known (for the UI)."""
+        """How long the first call should take, from the persistent cache's records, if known (for the UI)."""
         return None if self.stored is None else self.stored.expected_s
 
     def describe(self) -> Dict[str, Any]:

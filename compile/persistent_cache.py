@@ -161,7 +161,11 @@ def inductor_cache_folder(folder: str) -> Iterator[None]:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """The verdict on a stored entry: ``status`` is ``hit``, ``miss`` (nothing stored) or ``invalid``."""
+    """The verdict on a stored entry: ``status`` is ``hit``, ``miss`` (nothing stored) or ``invalid``.
+
+    ``manifest`` is the entry's manifest when it was readable and stated the right key (also when a file
+    failed verification: its ``compile_s`` still tells how long compiling this key takes).
+    """
 
     status: str
     problem: Optional[str] = None
@@ -173,8 +177,8 @@ class StoredGraph:
     """One key's folder in the persistent cache, as used by one compiled graph.
 
     ``hit`` says the folder held a verified entry when the graph was created; ``problem`` is the message to
-    show when an entry was found but refused; ``expected_s`` is how long loading this entry took the last
-    time it was loaded, when known (the manifest also keeps the original cold ``compile_s``).
+    show when an entry was found but refused; ``expected_s`` is how long the first call should take, when
+    known: on a hit the last load of this entry, when a damaged entry is recompiled its recorded compile.
     """
 
     cache: "PersistentCache"
@@ -267,22 +271,25 @@ class PersistentCache:
                 if (stored_fields or {}).get(name) != fields.get(name)
             )
             return Check("invalid", f"{where} was written for another key (differs in: {', '.join(differing)})")
+        def damaged(message: str) -> Check:
+            return Check("invalid", f"{where}: {message}", manifest)
+
         try:
             present = set(_content_files(path)) - {MANIFEST}
             for name, recorded in files.items():
                 file_path = os.path.join(path, name)
                 if name not in present:
-                    return Check("invalid", f"{where} is missing {name}")
+                    return damaged(f"{name} is missing")
                 size = os.path.getsize(file_path)
                 if size != recorded["size"]:
-                    return Check("invalid", f"{where}: {name} has {size} bytes, {recorded['size']} expected (truncated?)")
+                    return damaged(f"{name} has {size} bytes, {recorded['size']} expected (truncated?)")
                 if _sha256(file_path) != recorded["sha256"]:
-                    return Check("invalid", f"{where}: {name} does not match its recorded SHA-256")
+                    return damaged(f"{name} does not match its recorded SHA-256")
             unlisted = sorted(present - set(files))
         except (OSError, KeyError, TypeError) as error:
-            return Check("invalid", f"{where} cannot be read ({type(error).__name__}: {error})")
+            return damaged(f"cannot be read ({type(error).__name__}: {error})")
         if unlisted:
-            return Check("invalid", f"{where} holds {len(unlisted)} unrecorded file(s), e.g. {unlisted[0]}")
+            return damaged(f"holds {len(unlisted)} unrecorded file(s), e.g. {unlisted[0]}")
         return Check("hit", None, manifest)
 
     def open(self, key) -> StoredGraph:
@@ -298,6 +305,7 @@ class PersistentCache:
                 manifest = verdict.manifest
                 return StoredGraph(self, path, fields, True, None, manifest.get("load_s"), manifest, self.generation)
             problem = verdict.problem
+            expected = verdict.manifest.get("compile_s") if verdict.manifest else None
             if problem:
                 logger.warning("%s; compiling again", problem)
             try:
@@ -307,7 +315,7 @@ class PersistentCache:
             except OSError as error:
                 problem = f"{problem + '; ' if problem else ''}cannot prepare {path}: {error}"
                 logger.warning(problem)
-            return StoredGraph(self, path, fields, False, problem, None, None, self.generation)
+            return StoredGraph(self, path, fields, False, problem, expected, None, self.generation)
 
     def entries(self) -> List[Dict[str, Any]]:
         """The manifests of all entries (unreadable ones left out), for a settings page."""
