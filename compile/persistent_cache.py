@@ -254,7 +254,7 @@ class PersistentCache:
         path = self.entry_path(fields)
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.isdir(path) or not os.listdir(path):
-            return Check("miss")  # nothing stored (an empty folder is what open() prepares)
+            return Check("miss")  # nothing stored (a graph that was never called leaves at most an empty folder)
         where = f"compile cache entry {path}"
         if not os.path.exists(manifest_path):
             return Check("invalid", f"{where} has no manifest (an interrupted compile?)")
@@ -293,7 +293,7 @@ class PersistentCache:
         return Check("hit", None, manifest)
 
     def open(self, key) -> StoredGraph:
-        """The stored entry for a :class:`GraphKey`: verified (``hit``), or emptied and ready to be filled.
+        """The stored entry for a :class:`GraphKey`: verified (``hit``), or removed, to be filled by the compile.
 
         A refused entry is logged and its message kept in ``StoredGraph.problem``; the caller compiles anew.
         """
@@ -310,10 +310,9 @@ class PersistentCache:
                 logger.warning("%s; compiling again", problem)
             try:
                 if os.path.isdir(path):
-                    shutil.rmtree(path)
-                os.makedirs(path)
+                    shutil.rmtree(path)  # the folder is created on the first call, when there is something to keep
             except OSError as error:
-                problem = f"{problem + '; ' if problem else ''}cannot prepare {path}: {error}"
+                problem = f"{problem + '; ' if problem else ''}cannot empty {path}: {error}"
                 logger.warning(problem)
             return StoredGraph(self, path, fields, False, problem, expected, None, self.generation)
 
