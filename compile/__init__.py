@@ -15,6 +15,7 @@ from .backends import (
 )
 from .counters import RecompileLimitWatcher, compiled_graph_count, count_new_graphs
 from .graph_cache import CompiledUNet, GraphCache, GraphEntry, GraphKey, Lookup
+from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
 from .weights import BindReport, aliasing_clone, bind_weights, data_pointers, tensors_by_name
 from .lora import LoraError, LoraFuser, LoraNetwork, kohya_module_names, load_kohya_lora

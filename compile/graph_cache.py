@@ -5,11 +5,15 @@ weights written in place into the storage that graph captured: a checkpoint swit
 compile. A module with another signature (SD1 vs SD2 heads, a 9-channel inpainting UNet, SDXL) never matches
 and gets its own graph. An int8 graph (``CompileOptions(quantization="int8")``) is keyed apart from the float
 one and binds through :class:`compile.quantization.Int8Binding` (re-quantized in place).
+
+With a :class:`compile.persistent_cache.PersistentCache` the compiled code also outlives the process: a graph
+whose key was compiled in an earlier run loads torch's cached kernels on its first call instead of compiling.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import time
@@ -20,6 +24,7 @@ import torch
 
 from .backends import AUTO, CompileOptions, compile_module, resolve_backend
 from .counters import RecompileLimitWatcher, compiled_graph_count
+from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
 from .weights import BindReport, aliasing_clone, bind_weights
 
@@ -87,15 +92,19 @@ class CompiledUNet(torch.nn.Module):
         graphs_before = compiled_graph_count()
         first_call = entry.compile_s is None
         start = time.perf_counter()
-        output = self.graph(*args, **kwargs)
+        with entry.stored.activated() if entry.stored is not None else contextlib.nullcontext():
+            output = self.graph(*args, **kwargs)
+        new_graphs = compiled_graph_count() - graphs_before
         if first_call:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             entry.compile_s = time.perf_counter() - start
-            entry.graphs += compiled_graph_count() - graphs_before
+            entry.graphs += new_graphs
         else:
-            entry.recompiles += compiled_graph_count() - graphs_before
+            entry.recompiles += new_graphs
         entry.calls += 1
+        if entry.stored is not None and (first_call or new_graphs):
+            entry.stored.save(entry.compile_s)  # record what inductor wrote, so the next process can load it
         return output
 
     def __getattr__(self, name: str) -> Any:
@@ -121,6 +130,22 @@ class GraphEntry:
     calls: int = 0
     reuses: int = 0
     unet: Optional[CompiledUNet] = None
+    stored: Optional[StoredGraph] = None  # its persistent cache entry, when the GraphCache has one
+
+    @property
+    def cache_hit(self) -> Optional[bool]:
+        """True when the first call loads from the persistent cache, False when it compiles, None without one."""
+        return None if self.stored is None else self.stored.hit
+
+    @property
+    def cache_problem(self) -> Optional[str]:
+        """Why a stored entry was refused (corrupt, other key, unreadable), to show the user; else None."""
+        return None if self.stored is None else self.stored.problem
+
+    @property
+    def expected_s(self) -> Optional[float]:
+        """How long the first call should take, from the persistent cache's records, if known (for the UI)."""
+        return None if self.stored is None else self.stored.expected_s
 
     def describe(self) -> Dict[str, Any]:
         return {
@@ -136,6 +161,9 @@ class GraphEntry:
             "recompiles": self.recompiles,
             "calls": self.calls,
             "reuses": self.reuses,
+            "cache_hit": self.cache_hit,
+            "cache_problem": self.cache_problem,
+            "expected_s": self.expected_s,
             **self.binding.describe(),
         }
 
@@ -151,19 +179,23 @@ class Lookup:
     copied_tensors: int
 
     def summary(self) -> str:
+        entry = self.entry
         if self.reused:
-            return f"reused compiled graph {self.entry.signature.short()} (weights bound in {self.bind_ms:.1f} ms)"
-        return f"compiling a new graph {self.entry.signature.short()} with {self.entry.key.backend}"
+            return f"reused compiled graph {entry.signature.short()} (weights bound in {self.bind_ms:.1f} ms)"
+        if entry.cache_hit:
+            return f"loading graph {entry.signature.short()} from the compile cache"
+        problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
+        return f"compiling a new graph {entry.signature.short()} with {entry.key.backend}{problem}"
 
 
 class GraphCache:
     """Compiled graphs by :class:`GraphKey`, least recently used first out beyond ``max_graphs``.
 
     Each entry keeps the module it compiled, because the graph reads that module's tensors; evicting an
-    entry releases both.
+    entry releases both. ``persistent`` (optional) keeps the compiled code on disk across processes.
     """
 
-    def __init__(self, max_graphs: int = 2):
+    def __init__(self, max_graphs: int = 2, persistent: Optional[PersistentCache] = None):
         if max_graphs < 1:
             raise ValueError("max_graphs must be at least 1")
         self.max_graphs = max_graphs
@@ -172,6 +204,7 @@ class GraphCache:
         self.compiles = 0
         self.reuses = 0
         self.evictions = 0
+        self.persistent = persistent
         self.recompile_limit_watcher = RecompileLimitWatcher.install()
 
     def key_for(self, module: torch.nn.Module, backend: str = AUTO, options: Optional[CompileOptions] = None):
@@ -195,8 +228,9 @@ class GraphCache:
                 self.reuses += 1
                 return Lookup(entry.unet, entry, True, report.bind_ms, report.copied)
             binding = binding_for(key.options, module)
+            stored = self.persistent.open(key) if self.persistent is not None else None
             compiled = compile_module(binding.template, key.backend, key.options)
-            entry = GraphEntry(key, signature, binding.template, compiled, binding=binding)
+            entry = GraphEntry(key, signature, binding.template, compiled, binding=binding, stored=stored)
             entry.unet = CompiledUNet(entry)
             self._entries[key] = entry
             self.compiles += 1
@@ -221,5 +255,6 @@ class GraphCache:
             "evictions": self.evictions,
             "recompiles": sum(entry.recompiles for entry in self._entries.values()),
             "recompile_limit_hits": list(self.recompile_limit_watcher.messages),
+            "persistent_cache": self.persistent.status() if self.persistent is not None else None,
             "graphs": [entry.describe() for entry in self._entries.values()],
         }

@@ -19,8 +19,9 @@ from typing import Any, Callable, Dict, Iterator
 
 import torch
 
-from compile import BackendUnavailable, CompileOptions, GraphCache, count_new_graphs, resolve_backend
+from compile import BackendUnavailable, CompileOptions, count_new_graphs, resolve_backend
 from compile.models import PRESET_LATENT, PRESETS, build_preset, example_inputs, load_checkpoint_unet
+from onediff_sd_webui_extensions.bench_cache import add_cache_argument, cache_section, graph_cache_for
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,11 +110,12 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     eager_ms = median_ms(lambda: inputs.call(unet), device, args.warmup, args.repeat)
     eager_output = inputs.call(unet)
 
-    cache = GraphCache(max_graphs=2)
+    cache = graph_cache_for(args.cache_dir)
     lookup = cache.get(unet, backend, options)
     with progress(f"compiling with {backend} (one time per structure)"):
         compiled_output = inputs.call(lookup.unet)
     compile_s = lookup.entry.compile_s
+    cache_report = cache_section(lookup.entry) if args.cache_dir else None
     compiled_ms = median_ms(lambda: inputs.call(lookup.unet), device, args.warmup, args.repeat)
     lora = None
     if args.lora:
@@ -157,6 +159,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
             "other_structure": {"reused": refused.reused},
         },
     }
+    if cache_report is not None:
+        report["cache"] = cache_report
     if lora is not None:
         report["lora"] = lora
     if quant is not None:
@@ -188,6 +192,10 @@ def format_table(report: Dict[str, Any]) -> str:
             ("LoRA under the graph", f"new graphs {lora['new_graphs']}, max abs diff vs eager {lora['max_abs_diff']:.2e}, "
                                      f"restored exactly={lora['restored_exactly']}"),
         ]
+    if "cache" in report:
+        cache = report["cache"]
+        rows.append(("compile cache", ("hit: loaded" if cache["hit"] else "miss: compiled and stored")
+                     + f" in {cache['compile_s']:.1f} s" + (f" ({cache['problem']})" if "problem" in cache else "")))
     quant = report.get("quant")
     if quant and "unavailable" in quant:
         rows.append(("int8", f"not available: {quant['unavailable']}"))
@@ -221,6 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fuse a rank-16 LoRA into the compiled graph and time it (default: on)")
     parser.add_argument("--quant", default="none", choices=["none", "int8"],
                         help="also compile an int8 (torchao) graph and compare it with float (default: none)")
+    add_cache_argument(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
 
 
