@@ -61,10 +61,20 @@ def missing(include_test=False, in_webui=False, is_installed=_installed):
     return [line for name, line in lines if name != "torch" and not _satisfied(line, is_installed)]
 
 
-def _pin_torch_file():
-    """A pip constraints file holding the installed torch, so no dependency can replace it."""
+def _pin_torch_file(pin_everything=False):
+    """A pip constraints file holding the installed torch, so no dependency can replace it.
+
+    With ``pin_everything`` (inside the webui) it holds every installed distribution at its version: unpinned,
+    the newest diffusers pulls huggingface-hub 1.x, which pulls transformers 5 and pydantic 2 and breaks
+    A1111 v1.10.1 (transformers 4.30.2, fastapi 0.94); pinned, pip picks the versions that fit instead.
+    """
+    if pin_everything:
+        pins = {dist.metadata["Name"]: dist.version for dist in importlib.metadata.distributions()
+                if dist.metadata["Name"]}
+    else:
+        pins = {"torch": importlib.metadata.version("torch")}
     pin = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
-    pin.write(f"torch=={importlib.metadata.version('torch')}\n")
+    pin.write("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
     pin.close()
     return pin.name
 
@@ -73,7 +83,7 @@ def install_in_webui(launch):
     todo = missing(in_webui=True, is_installed=launch.is_installed)
     if not todo:
         return
-    constraints = _pin_torch_file()
+    constraints = _pin_torch_file(pin_everything=True)
     quoted = " ".join(f'"{line}"' for line in todo)
     launch.run_pip(f"install -c \"{constraints}\" {quoted}", f"onediff_sd_webui_extensions: {', '.join(todo)}")
 

@@ -1,0 +1,174 @@
+"""Everything the webui side of the extension remembers, in one object.
+
+The txt2img and img2img tabs each create their own ``Script`` instance, but there is one UNet in memory and one
+set of compiled graphs, so the graph cache, the settings and the counters live in a single
+:class:`OneDiffState` (``STATE``) that both instances and the status route read. Nothing here imports the
+webui: the pieces that do are in ``webui_hooks.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from compile import AUTO, KNOWN_BACKENDS, CompileOptions, GraphCache, available_backends, compiled_graph_count
+
+# Settings keys in A1111's shared.opts (section "OneDiff").
+OPTION_BACKEND = "onediff_backend"
+OPTION_COMPILE_MODE = "onediff_compile_mode"
+OPTION_DYNAMIC = "onediff_dynamic_shapes"
+OPTION_CACHE_DIR = "onediff_cache_dir"
+OPTION_MAX_GRAPHS = "onediff_max_graphs"
+
+BACKEND_CHOICES = [AUTO, *KNOWN_BACKENDS]
+COMPILE_MODE_CHOICES = ["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
+
+_TRUE_STRINGS = {"1", "true", "yes", "on"}
+_FALSE_STRINGS = {"", "0", "false", "no", "off", "none", "null"}
+
+
+class ScriptArgsError(ValueError):
+    """``script_args`` that cannot be read as the script's arguments; the message says what is accepted."""
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS | _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    if isinstance(value, dict) and len(value) == 1:  # {"0": true}: clients that send the gradio form's shape
+        return _as_bool(next(iter(value.values())), what)
+    raise ScriptArgsError(
+        f"onediff_diffusion_model: {what} must be a boolean (true/false, 1/0, \"true\"/\"false\" or "
+        f"{{\"0\": true}}), got {json.dumps(value, default=repr)}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptArgs:
+    """The script's arguments after tolerant parsing: ``script_args`` = ``[quantization]``.
+
+    A missing argument takes its default; arguments beyond the known ones are ignored (A1111 sends the whole
+    slice of the UI's components, and clients written for other versions send more), and listed in
+    ``ignored`` so the job's info can mention them.
+    """
+
+    quantization: bool = False
+    ignored: int = 0
+
+    @classmethod
+    def parse(cls, args: Any) -> "ScriptArgs":
+        if args is None:
+            return cls()
+        if not isinstance(args, (list, tuple)):
+            args = [args]
+        quantization = _as_bool(args[0], "script_args[0] (int8 quantization)") if len(args) >= 1 else False
+        return cls(quantization=quantization, ignored=max(0, len(args) - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The user's choices from the "OneDiff" settings section, read at the start of every job."""
+
+    backend: str = AUTO
+    compile_mode: str = "default"
+    dynamic: bool = False  # see README: inductor on CPU cannot lower ldm's 1x1 convs with symbolic sizes
+    cache_dir: str = ""
+    max_graphs: int = 2
+
+    def compile_options(self, quantization: str = "") -> CompileOptions:
+        mode = None if self.compile_mode in ("", "default") else self.compile_mode
+        return CompileOptions(mode=mode, dynamic=self.dynamic, quantization=quantization)
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """What happened in one generation job, for the job's info and the status route."""
+
+    started: float
+    backend: str = ""
+    accelerated: bool = False
+    graph: str = ""
+    reused: Optional[bool] = None
+    bind_ms: float = 0.0
+    new_graphs: int = 0
+    recompile_limit_hit: bool = False
+    notices: List[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def info_text(self) -> str:
+        """One line for the image's generation parameters ("OneDiff: ...")."""
+        if not self.accelerated:
+            return "eager (" + "; ".join(self.notices or ["not accelerated"]) + ")"
+        parts = [self.backend, ("reused " if self.reused else "compiled ") + self.graph]
+        if self.new_graphs:
+            parts.append(f"{self.new_graphs} new graph(s)")
+        parts.extend(self.notices)
+        return ", ".join(parts)
+
+
+class OneDiffState:
+    """The graph cache, the current settings, the last job and the counters, shared by both tabs."""
+
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self.cache = GraphCache(max_graphs=self.settings.max_graphs)
+        self.lock = threading.Lock()
+        self.jobs = 0
+        self.accelerated_jobs = 0
+        self.eager_jobs = 0
+        self.compiled_call_failures = 0
+        self.failed_graphs: Dict[Any, str] = {}  # GraphKey -> why its compile or call failed
+        self.last_job: Optional[JobRecord] = None
+        self.last_lora_fuse_ms: Optional[float] = None
+
+    def apply_settings(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache.max_graphs = max(1, int(settings.max_graphs))
+
+    def start_job(self) -> JobRecord:
+        self.jobs += 1
+        self.last_job = JobRecord(started=time.time())
+        return self.last_job
+
+    def finish_job(self, job: JobRecord) -> None:
+        job.seconds = time.time() - job.started
+        if job.accelerated:
+            self.accelerated_jobs += 1
+        else:
+            self.eager_jobs += 1
+
+    def status(self) -> Dict[str, Any]:
+        """JSON for ``GET /onediff/v1/status``."""
+        cache = self.cache.status()
+        last = dataclasses.asdict(self.last_job) if self.last_job else None
+        return {
+            "backend": self.settings.backend,
+            "backends_available": {name: reason is None for name, reason in available_backends().items()},
+            "settings": dataclasses.asdict(self.settings),
+            "graphs": cache["graphs"],
+            "compiles": cache["compiles"],
+            "reuses": cache["reuses"],
+            "evictions": cache["evictions"],
+            "recompiles": cache["recompiles"],
+            "recompile_limit_hits": cache["recompile_limit_hits"],
+            "dynamo_graphs_total": compiled_graph_count(),
+            "jobs": self.jobs,
+            "accelerated_jobs": self.accelerated_jobs,
+            "eager_jobs": self.eager_jobs,
+            "compiled_call_failures": self.compiled_call_failures,
+            "failed_graphs": list(self.failed_graphs.values()),
+            "last_job": last,
+            "last_lora_fuse_ms": self.last_lora_fuse_ms,
+            "torch": torch.__version__,
+        }
+
+
+STATE = OneDiffState()

@@ -1,0 +1,228 @@
+"""The part that knows A1111: swap the compiled UNet in for a job, settings, the status route.
+
+Imported only inside the webui (it imports ``modules.*``). All state is in ``state.STATE``.
+
+When to decide: ``processing.process_images`` applies ``override_settings`` and reloads the checkpoint *inside*
+itself, after a script's ``run`` has started. So ``run`` does not look at the model; it wraps ``p.sample`` (the
+call that does all denoising of a batch, hires fix included) and picks the compiled UNet there, for the model
+that is loaded at that moment, then puts the eager UNet back on the same model object when sampling ends.
+
+What the compiled graph sees: ldm's ``DiffusionWrapper`` / sgm's ``OpenAIWrapper`` call
+``diffusion_model(x, timesteps, context, ...)``; A1111 has replaced ``UNetModel.forward`` with
+``sd_unet.UNetModel_forward`` (which defers to a selected "SD Unet" such as TensorRT) and patched
+``timestep_embedding``, ``SpatialTransformer.forward``, the attention forwards and ``torch.cat``. Dynamo traces
+through all of these, so the graph computes exactly what the eager webui computes; with another "SD Unet"
+selected we stay eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import traceback
+from typing import Any, Optional
+
+import torch
+
+from compile import BackendUnavailable, compiled_graph_count
+from modules import processing, sd_unet, shared
+
+from .state import (
+    BACKEND_CHOICES,
+    COMPILE_MODE_CHOICES,
+    OPTION_BACKEND,
+    OPTION_CACHE_DIR,
+    OPTION_COMPILE_MODE,
+    OPTION_DYNAMIC,
+    OPTION_MAX_GRAPHS,
+    STATE,
+    JobRecord,
+    ScriptArgs,
+    Settings,
+)
+
+logger = logging.getLogger("onediff_sd_webui_extensions")
+INFO_KEY = "OneDiff"
+
+
+def quantization_available() -> Optional[str]:
+    """None when int8 quantization can be used, else why not (shown beside the checkbox)."""
+    try:
+        from compile import quantization  # noqa: F401  (added by the int8 work)
+    except ImportError:
+        return "int8 quantization is not available in this version yet"
+    return None
+
+
+def read_settings() -> Settings:
+    defaults = Settings()
+    opts = shared.opts
+    return Settings(
+        backend=str(opts.data.get(OPTION_BACKEND, defaults.backend) or defaults.backend),
+        compile_mode=str(opts.data.get(OPTION_COMPILE_MODE, defaults.compile_mode) or defaults.compile_mode),
+        dynamic=bool(opts.data.get(OPTION_DYNAMIC, defaults.dynamic)),
+        cache_dir=str(opts.data.get(OPTION_CACHE_DIR, defaults.cache_dir) or ""),
+        max_graphs=int(opts.data.get(OPTION_MAX_GRAPHS, defaults.max_graphs) or defaults.max_graphs),
+    )
+
+
+class GuardedUNet(torch.nn.Module):
+    """Stands in for the eager UNet during a job: calls the compiled UNet, and if that raises, logs why, marks
+    the graph as failed and finishes the job with the eager UNet (same inputs, so no step is lost)."""
+
+    def __init__(self, compiled: torch.nn.Module, eager: torch.nn.Module, job: JobRecord, graph_key: Any):
+        super().__init__()
+        self.compiled = compiled
+        self.eager = eager
+        object.__setattr__(self, "job", job)
+        object.__setattr__(self, "graph_key", graph_key)
+        self.failed = False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 (any failure of the compiled path must not lose the job)
+                self.failed = True
+                reason = f"compiled UNet failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                logger.error("OneDiff: %s; finishing this job eagerly\n%s", reason, traceback.format_exc())
+                STATE.compiled_call_failures += 1
+                STATE.failed_graphs[self.graph_key] = reason
+                self.job.accelerated = False
+                self.job.notices.append(reason)
+        return self.eager(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["eager"], name)
+
+
+def _eager_reason(sd_model, script_args: ScriptArgs) -> Optional[str]:
+    if shared.cmd_opts.lowvram:
+        return "--lowvram moves UNet blocks during the forward, which a compiled graph cannot follow"
+    if sd_unet.current_unet is not None:
+        return f"another SD Unet is active ({sd_unet.current_unet_option.label})"
+    if isinstance(sd_model.model.diffusion_model, GuardedUNet):
+        return "UNet already swapped by a job that is still running"
+    return None
+
+
+@contextlib.contextmanager
+def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
+    """Put a compiled UNet into ``p.sd_model`` for the block, and the eager one back afterwards."""
+    sd_model = p.sd_model
+    wrapper = sd_model.model
+    eager_unet = wrapper.diffusion_model
+    settings = STATE.settings
+
+    reason = _eager_reason(sd_model, script_args)
+    quantization = ""
+    if reason is None and script_args.quantization:
+        missing = quantization_available()
+        if missing:
+            job.notices.append(f"int8 requested but {missing}; compiled without it")
+        else:
+            quantization = "int8"
+    lookup = None
+    if reason is None:
+        try:
+            lookup = STATE.cache.get(eager_unet, settings.backend, settings.compile_options(quantization))
+        except BackendUnavailable as error:
+            reason = str(error)
+        except Exception as error:  # noqa: BLE001
+            logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
+            reason = f"compile failed ({type(error).__name__}: {error})"
+    if lookup is not None and lookup.entry.key in STATE.failed_graphs:
+        reason = f"this graph failed before: {STATE.failed_graphs[lookup.entry.key]}"
+    if reason is not None:
+        job.accelerated = False
+        job.notices.append(reason)
+        logger.warning("OneDiff: generating eagerly: %s", reason)
+        p.extra_generation_params[INFO_KEY] = job.info_text()
+        yield
+        return
+
+    job.accelerated = True
+    job.backend = lookup.entry.key.backend
+    job.graph = lookup.entry.signature.short()
+    job.reused = lookup.reused if job.reused is None else job.reused
+    job.bind_ms += lookup.bind_ms
+    graphs_before = compiled_graph_count()
+    limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
+    wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, job, lookup.entry.key)
+    try:
+        yield
+    finally:
+        wrapper.diffusion_model = eager_unet
+        job.new_graphs += compiled_graph_count() - graphs_before
+        if len(STATE.cache.recompile_limit_watcher.messages) > limit_hits_before:
+            job.recompile_limit_hit = True
+            job.notices.append("dynamo hit its recompile limit: part of this job ran eagerly (see the status route)")
+        p.extra_generation_params[INFO_KEY] = job.info_text()
+
+
+def process_images(p, script_args: ScriptArgs):
+    """``processing.process_images(p)`` with the compiled UNet swapped in around every ``p.sample`` call."""
+    STATE.apply_settings(read_settings())
+    job = STATE.start_job()
+    if script_args.ignored:
+        job.notices.append(f"ignored {script_args.ignored} extra script_args")
+    original_sample = p.sample  # the bound method; restored by deleting the instance attribute below
+
+    def sample_with_compiled_unet(*args, **kwargs):
+        with compiled_unet_swapped_in(p, job, script_args):
+            return original_sample(*args, **kwargs)
+
+    p.sample = sample_with_compiled_unet
+    try:
+        return processing.process_images(p)
+    finally:
+        del p.sample
+        STATE.finish_job(job)
+
+
+def on_ui_settings():
+    import gradio as gr
+
+    section = ("onediff", "OneDiff")
+    options = {
+        OPTION_BACKEND: shared.OptionInfo(
+            "auto", "Compile backend (auto: oneflow, then nexfort, then inductor)", gr.Dropdown,
+            {"choices": BACKEND_CHOICES}, section=section,
+        ),
+        OPTION_COMPILE_MODE: shared.OptionInfo(
+            "default", "Compile mode", gr.Dropdown, {"choices": COMPILE_MODE_CHOICES}, section=section,
+        ),
+        OPTION_DYNAMIC: shared.OptionInfo(
+            False, "Dynamic shapes (one graph for all sizes; off: one graph per size, up to dynamo's recompile limit)",
+            section=section,
+        ),
+        OPTION_MAX_GRAPHS: shared.OptionInfo(
+            2, "Compiled graphs kept in memory (one per UNet structure)", gr.Slider,
+            {"minimum": 1, "maximum": 8, "step": 1}, section=section,
+        ),
+        OPTION_CACHE_DIR: shared.OptionInfo(
+            "", "Compile cache folder (TORCHINDUCTOR_CACHE_DIR; empty: torch's default; applies after a restart)",
+            section=section,
+        ),
+    }
+    for key, info in options.items():
+        shared.opts.add_option(key, info)
+
+
+def apply_cache_dir() -> None:
+    """Point inductor's on-disk cache at the configured folder (read at start-up, before any compile)."""
+    import os
+
+    folder = str(shared.opts.data.get(OPTION_CACHE_DIR, "") or "")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+
+
+def on_app_started(_demo, app):
+    @app.get("/onediff/v1/status")
+    def onediff_status():
+        return STATE.status()

@@ -1,0 +1,52 @@
+"""A1111 entry point: the selectable script "onediff_diffusion_model" (txt2img and img2img).
+
+Thin on purpose: argument parsing and state are in ``onediff_sd_webui_extensions.state``, the UNet swap, the
+settings and the status route in ``onediff_sd_webui_extensions.webui_hooks``.
+"""
+
+import os
+import sys
+
+# The webui puts an extension's root on sys.path only while it loads the scripts; keep it for later imports.
+_EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _EXTENSION_ROOT not in sys.path:
+    sys.path.insert(0, _EXTENSION_ROOT)
+
+import gradio as gr  # noqa: E402
+from modules import script_callbacks, scripts  # noqa: E402
+
+from onediff_sd_webui_extensions import webui_hooks  # noqa: E402
+from onediff_sd_webui_extensions.state import STATE, ScriptArgs  # noqa: E402
+
+TITLE = "onediff_diffusion_model"
+
+
+def _status_line() -> str:
+    job = STATE.last_job
+    last = f"last job: {job.info_text()}" if job else "no job yet"
+    return f"OneDiff: backend {STATE.settings.backend}, {len(STATE.cache.entries())} graph(s) cached; {last}"
+
+
+class Script(scripts.Script):
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return True  # selectable in both tabs ("script_name" only finds selectable scripts)
+
+    def ui(self, is_img2img):
+        missing = webui_hooks.quantization_available()
+        label = "Model Quantization (int8) Speed Up"
+        quantization = gr.Checkbox(
+            label=label if missing is None else f"{label} ({missing})", value=False, interactive=missing is None
+        )
+        gr.HTML(f"<p>{_status_line()}</p>")
+        return [quantization]
+
+    def run(self, p, *args):
+        return webui_hooks.process_images(p, ScriptArgs.parse(list(args)))
+
+
+webui_hooks.apply_cache_dir()
+script_callbacks.on_ui_settings(webui_hooks.on_ui_settings)
+script_callbacks.on_app_started(webui_hooks.on_app_started)

@@ -1,0 +1,156 @@
+"""Build tiny A1111 checkpoints (ldm key layout + a ``.yaml`` beside each) for the integration tests.
+
+Run with the webui's Python: ``python tiny_checkpoints.py WEBUI_DIR OUT_DIR``. The models are built with the
+webui's own ``ldm`` code from each yaml, so the saved keys are exactly what A1111 loads. No weights are
+downloaded: the text encoder is a 2-layer CLIPTextModel saved to a local folder with a real CLIP tokenizer
+(vocab.json / merges.txt derived from the BPE file that open-clip-torch ships), and the yaml points at it.
+
+Random initialisation needs two fixes to give images that react to their inputs: ldm zero-initialises output
+convolutions (the UNet would output zeros), and a text-encoder output with zero mean turns into NaN through
+A1111's emphasis re-normalisation (it divides by the mean), so the final LayerNorm gets a non-zero bias.
+"""
+
+import gzip
+import json
+import os
+import sys
+
+# name -> (UNet overrides, seed). "same" has the structure of "base" with other weights; "heads" differs only
+# in the attention head count (equal tensor shapes, another graph); "inpaint" is a 9-channel UNet.
+CHECKPOINTS = {
+    "tiny_base": ({}, 1),
+    "tiny_same": ({}, 2),
+    "tiny_heads": ({"num_heads": 2}, 3),
+}
+
+UNET = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    attention_resolutions=[1],
+    num_res_blocks=2,
+    channel_mult=[1, 2],
+    num_heads=4,
+    use_spatial_transformer=True,
+    transformer_depth=1,
+    context_dim=32,
+    use_checkpoint=False,
+    legacy=False,
+)
+
+VAE = dict(
+    embed_dim=4,
+    monitor="val/rec_loss",
+    ddconfig=dict(
+        double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
+        ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+    ),
+    lossconfig={"target": "torch.nn.Identity"},
+)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder):
+    """vocab.json and merges.txt exactly as openai/clip-vit-large-patch14 has them, from open_clip's BPE."""
+    import open_clip
+
+    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_chars = bytes_to_unicode()
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump({token: index for index, token in enumerate(vocab)}, handle, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as handle:
+        json.dump(special, handle)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as handle:
+        json.dump(dict(special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer"), handle)
+    return len(vocab)
+
+
+def write_text_encoder(folder):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    os.makedirs(folder, exist_ok=True)
+    vocab_size = write_tokenizer(folder)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, projection_dim=32)
+    torch.manual_seed(0)
+    model = CLIPTextModel(config)
+    with torch.no_grad():
+        model.text_model.final_layer_norm.bias.uniform_(0.2, 0.6)  # non-zero mean, see module docstring
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def model_yaml(text_encoder, unet_overrides):
+    return {
+        "model": {
+            "base_learning_rate": 1.0e-4,
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {
+                "linear_start": 0.00085, "linear_end": 0.0120, "num_timesteps_cond": 1, "log_every_t": 200,
+                "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 8,
+                "channels": 4, "cond_stage_trainable": False, "conditioning_key": "crossattn",
+                "monitor": "val/loss_simple_ema", "scale_factor": 0.18215, "use_ema": False,
+                "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                                "params": dict(UNET, **unet_overrides)},
+                "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": VAE},
+                "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                      "params": {"version": text_encoder}},
+            },
+        }
+    }
+
+
+def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed):
+    import torch
+    import yaml
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    config = model_yaml(text_encoder, unet_overrides)
+    yaml_path = os.path.join(out_dir, name + ".yaml")
+    with open(yaml_path, "w") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+    torch.manual_seed(seed)
+    model = instantiate_from_config(OmegaConf.load(yaml_path).model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor_name, tensor in model.model.named_parameters():
+            if tensor.ndim > 1 and not tensor.any():  # ldm's zero_module convolutions / projections
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out_dir, name + ".safetensors"))
+
+
+def main(webui_dir, out_dir):
+    sys.path.insert(0, os.path.join(webui_dir, "repositories", "stable-diffusion-stability-ai"))
+    os.makedirs(out_dir, exist_ok=True)
+    text_encoder = os.path.join(out_dir, "tiny_text_encoder")
+    write_text_encoder(text_encoder)
+    for name, (overrides, seed) in CHECKPOINTS.items():
+        write_checkpoint(out_dir, name, text_encoder, overrides, seed)
+    print(json.dumps(sorted(CHECKPOINTS)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
