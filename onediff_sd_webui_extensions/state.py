@@ -55,13 +55,11 @@ def _as_bool(value: Any, what: str) -> bool:
 class ScriptArgs:
     """The script's arguments after tolerant parsing: ``script_args`` = ``[quantization]``.
 
-    A missing argument takes its default; arguments beyond the known ones are ignored (A1111 sends the whole
-    slice of the UI's components, and clients written for other versions send more), and listed in
-    ``ignored`` so the job's info can mention them.
+    A missing argument takes its default. A1111 itself cuts ``script_args`` to the script's slice of the UI's
+    components, so a longer list from a client written for another version arrives as its first element.
     """
 
     quantization: bool = False
-    ignored: int = 0
 
     @classmethod
     def parse(cls, args: Any) -> "ScriptArgs":
@@ -69,8 +67,9 @@ class ScriptArgs:
             return cls()
         if not isinstance(args, (list, tuple)):
             args = [args]
-        quantization = _as_bool(args[0], "script_args[0] (int8 quantization)") if len(args) >= 1 else False
-        return cls(quantization=quantization, ignored=max(0, len(args) - 1))
+        if not args:
+            return cls()
+        return cls(quantization=_as_bool(args[0], "script_args[0] (int8 quantization)"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +96,7 @@ class JobRecord:
     accelerated: bool = False
     graph: str = ""
     reused: Optional[bool] = None
+    quantization: str = ""
     bind_ms: float = 0.0
     new_graphs: int = 0
     recompile_limit_hit: bool = False
@@ -108,6 +108,8 @@ class JobRecord:
         if not self.accelerated:
             return "eager (" + "; ".join(self.notices or ["not accelerated"]) + ")"
         parts = [self.backend, ("reused " if self.reused else "compiled ") + self.graph]
+        if self.quantization:
+            parts.append(f"{self.quantization} quantized")
         if self.new_graphs:
             parts.append(f"{self.new_graphs} new graph(s)")
         parts.extend(self.notices)
@@ -127,7 +129,8 @@ class OneDiffState:
         self.compiled_call_failures = 0
         self.failed_graphs: Dict[Any, str] = {}  # GraphKey -> why its compile or call failed
         self.last_job: Optional[JobRecord] = None
-        self.last_lora_fuse_ms: Optional[float] = None
+        self.last_lora: Optional[Dict[str, Any]] = None  # a1111_lora.LoraApplyReport.as_dict() of the last change
+        self.lora_applications = 0
 
     def apply_settings(self, settings: Settings) -> None:
         self.settings = settings
@@ -144,6 +147,11 @@ class OneDiffState:
             self.accelerated_jobs += 1
         else:
             self.eager_jobs += 1
+
+    def record_lora(self, report: Any) -> None:
+        """Remember an application of A1111's LoRA networks into the compiled UNet's weights."""
+        self.last_lora = report.as_dict()
+        self.lora_applications += 1
 
     def status(self) -> Dict[str, Any]:
         """JSON for ``GET /onediff/v1/status``."""
@@ -166,7 +174,9 @@ class OneDiffState:
             "compiled_call_failures": self.compiled_call_failures,
             "failed_graphs": list(self.failed_graphs.values()),
             "last_job": last,
-            "last_lora_fuse_ms": self.last_lora_fuse_ms,
+            "last_lora_fuse_ms": None if self.last_lora is None else round(self.last_lora["apply_ms"], 3),
+            "last_lora": self.last_lora,
+            "lora_applications": self.lora_applications,
             "torch": torch.__version__,
         }
 

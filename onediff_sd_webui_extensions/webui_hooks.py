@@ -25,8 +25,9 @@ from typing import Any, Optional
 import torch
 
 from compile import BackendUnavailable, compiled_graph_count
-from modules import processing, sd_unet, shared
+from modules import processing, sd_models, sd_unet, shared
 
+from . import a1111_lora
 from .state import (
     BACKEND_CHOICES,
     COMPILE_MODE_CHOICES,
@@ -68,20 +69,38 @@ def read_settings() -> Settings:
 
 class GuardedUNet(torch.nn.Module):
     """Stands in for the eager UNet during a job: calls the compiled UNet, and if that raises, logs why, marks
-    the graph as failed and finishes the job with the eager UNet (same inputs, so no step is lost)."""
+    the graph as failed and finishes the job with the eager UNet (same inputs, so no step is lost).
 
-    def __init__(self, compiled: torch.nn.Module, eager: torch.nn.Module, job: JobRecord, graph_key: Any):
+    LoRA: A1111's Lora extension applies networks lazily inside its patched ``forward`` methods, which a
+    compiled graph does not run. Before every compiled call the job's networks are applied eagerly into the
+    captured weights (a no-op check per layer when nothing changed; hires fix may change them between passes),
+    and the call runs with the original forwards so the LoRA state never becomes part of the graph.
+    """
+
+    def __init__(self, compiled: torch.nn.Module, eager: torch.nn.Module, captured: torch.nn.Module,
+                 job: JobRecord, graph_key: Any):
         super().__init__()
         self.compiled = compiled
         self.eager = eager
+        object.__setattr__(self, "captured", captured)
         object.__setattr__(self, "job", job)
         object.__setattr__(self, "graph_key", graph_key)
         self.failed = False
 
+    def _apply_lora(self) -> None:
+        report = a1111_lora.apply_networks_to_unet(self.eager, self.captured)
+        if report.updated_modules or report.dropped_biases:
+            STATE.record_lora(report)
+            comment = report.comment()
+            if comment and comment not in self.job.notices:
+                self.job.notices.append(comment)
+
     def forward(self, *args, **kwargs):
         if not self.failed:
             try:
-                return self.compiled(*args, **kwargs)
+                self._apply_lora()
+                with a1111_lora.original_forwards():
+                    return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 (any failure of the compiled path must not lose the job)
                 self.failed = True
                 reason = f"compiled UNet failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
@@ -109,6 +128,31 @@ def _eager_reason(sd_model, script_args: ScriptArgs) -> Optional[str]:
     return None
 
 
+def _first_pointer(module: torch.nn.Module) -> Optional[int]:
+    first = next(module.parameters(), None)
+    return None if first is None or first.device.type == "meta" else first.data_ptr()
+
+
+def _weights_held_by_another_loaded_model(sd_model, eager_unet, options) -> Optional[str]:
+    """The title of another loaded model whose UNet weights the cached graph for ``eager_unet`` holds, if any.
+
+    With ``sd_checkpoints_limit`` > 1 A1111 keeps several models loaded. Binding a second model of the same
+    structure writes its weights into the storage the graph captured, which is then still the first model's
+    UNet: switching back would silently generate with the wrong weights. Such jobs run eagerly instead.
+    """
+    key, _ = STATE.cache.key_for(eager_unet, STATE.settings.backend, options)
+    entry = next((entry for entry in STATE.cache.entries() if entry.key == key), None)
+    if entry is None or entry.module is eager_unet:
+        return None
+    captured = _first_pointer(entry.module)
+    if captured is None or captured == _first_pointer(eager_unet):
+        return None
+    for other in sd_models.model_data.loaded_sd_models:
+        if other is not sd_model and _first_pointer(other.model.diffusion_model) == captured:
+            return getattr(other.sd_checkpoint_info, "title", "another model")
+    return None
+
+
 @contextlib.contextmanager
 def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     """Put a compiled UNet into ``p.sd_model`` for the block, and the eager one back afterwards."""
@@ -127,8 +171,14 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
             quantization = "int8"
     lookup = None
     if reason is None:
+        options = settings.compile_options(quantization)
         try:
-            lookup = STATE.cache.get(eager_unet, settings.backend, settings.compile_options(quantization))
+            holder = _weights_held_by_another_loaded_model(sd_model, eager_unet, options)
+            if holder is not None:
+                reason = (f"the compiled graph of this structure holds the weights of {holder}, which is still "
+                          "loaded (sd_checkpoints_limit > 1); set it to 1 to switch checkpoints on one graph")
+            else:
+                lookup = STATE.cache.get(eager_unet, settings.backend, options)
         except BackendUnavailable as error:
             reason = str(error)
         except Exception as error:  # noqa: BLE001
@@ -147,11 +197,12 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     job.accelerated = True
     job.backend = lookup.entry.key.backend
     job.graph = lookup.entry.signature.short()
+    job.quantization = quantization
     job.reused = lookup.reused if job.reused is None else job.reused
     job.bind_ms += lookup.bind_ms
     graphs_before = compiled_graph_count()
     limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
-    wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, job, lookup.entry.key)
+    wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key)
     try:
         yield
     finally:
@@ -167,8 +218,6 @@ def process_images(p, script_args: ScriptArgs):
     """``processing.process_images(p)`` with the compiled UNet swapped in around every ``p.sample`` call."""
     STATE.apply_settings(read_settings())
     job = STATE.start_job()
-    if script_args.ignored:
-        job.notices.append(f"ignored {script_args.ignored} extra script_args")
     original_sample = p.sample  # the bound method; restored by deleting the instance attribute below
 
     def sample_with_compiled_unet(*args, **kwargs):

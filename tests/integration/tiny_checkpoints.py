@@ -8,6 +8,8 @@ downloaded: the text encoder is a 2-layer CLIPTextModel saved to a local folder 
 Random initialisation needs two fixes to give images that react to their inputs: ldm zero-initialises output
 convolutions (the UNet would output zeros), and a text-encoder output with zero mean turns into NaN through
 A1111's emphasis re-normalisation (it divides by the mean), so the final LayerNorm gets a non-zero bias.
+A1111 samples the VAE posterior for img2img with the global RNG, so the VAE's posterior variance is made
+negligible. A LoRA for the attention layers (``Lora/tiny_lora.safetensors``) comes with them.
 """
 
 import gzip
@@ -138,8 +140,33 @@ def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed):
         for tensor_name, tensor in model.model.named_parameters():
             if tensor.ndim > 1 and not tensor.any():  # ldm's zero_module convolutions / projections
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+        # A1111 encodes img2img's input by sampling the VAE posterior with the global RNG, not the job's seed:
+        # a near-zero posterior variance keeps img2img reproducible, so compiled and eager runs compare.
+        moments = model.first_stage_model.quant_conv
+        moments.weight[moments.out_channels // 2 :].zero_()
+        moments.bias[moments.out_channels // 2 :].fill_(-30.0)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(out_dir, name + ".safetensors"))
+    return model
+
+
+def write_lora(folder, unet, name="tiny_lora", rank=4):
+    """A kohya-format LoRA (``lora_unet_<ldm path>``) on every attention Linear of ``unet``, strong enough to
+    change the image visibly. A1111 maps these names onto its modules by replacing ``lora_unet`` with
+    ``diffusion_model``."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(99)
+    tensors = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attn" in path:
+            key = "lora_unet_" + path.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.5
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, os.path.join(folder, name + ".safetensors"))
 
 
 def main(webui_dir, out_dir):
@@ -147,8 +174,9 @@ def main(webui_dir, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     text_encoder = os.path.join(out_dir, "tiny_text_encoder")
     write_text_encoder(text_encoder)
-    for name, (overrides, seed) in CHECKPOINTS.items():
-        write_checkpoint(out_dir, name, text_encoder, overrides, seed)
+    models = {name: write_checkpoint(out_dir, name, text_encoder, overrides, seed)
+              for name, (overrides, seed) in CHECKPOINTS.items()}
+    write_lora(os.path.join(out_dir, "Lora"), models["tiny_base"].model.diffusion_model)
     print(json.dumps(sorted(CHECKPOINTS)))
 
 

@@ -1,0 +1,110 @@
+"""Run the real AUTOMATIC1111 webui (v1.10.1) headless, with this extension installed, for the API tests.
+
+Needs ``WEBUI_DIR`` (a webui checkout with its ``repositories/``) and ``WEBUI_PYTHON`` (a Python with the
+webui's requirements; default: this interpreter). The session builds tiny checkpoints, gives the webui its own
+data folder (``--data-dir``: settings, models and ``extensions/`` live there, the checkout is not touched),
+links this repository into that ``extensions/`` folder, installs the extension's dependencies the way
+``install.py`` does inside the webui (every installed package pinned), starts the API on a free loopback port
+and stops it at the end. Everything stays on 127.0.0.1; nothing is downloaded.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from webui_server import WebUI
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXTENSION_NAME = "onediff_sd_webui_extensions"
+STARTUP_TIMEOUT_S = 600
+
+
+def _webui_dir():
+    folder = os.environ.get("WEBUI_DIR")
+    if not folder:
+        pytest.skip("WEBUI_DIR is not set: these tests run the real AUTOMATIC1111 webui v1.10.1 (see README)")
+    if not os.path.isfile(os.path.join(folder, "launch.py")):
+        pytest.fail(f"WEBUI_DIR={folder} is not a stable-diffusion-webui checkout (no launch.py)")
+    return folder
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def webui_python():
+    return os.environ.get("WEBUI_PYTHON") or sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, webui_python):
+    """Tiny SD1-layout checkpoints (see tiny_checkpoints.py), built with the webui's own ldm code."""
+    webui_dir = _webui_dir()
+    folder = tmp_path_factory.mktemp("checkpoints")
+    result = subprocess.run(
+        [webui_python, os.path.join(HERE, "tiny_checkpoints.py"), webui_dir, str(folder)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory, webui_python, tiny_checkpoints):
+    webui_dir = _webui_dir()
+    checkpoint_dir, names = tiny_checkpoints
+    data_dir = tmp_path_factory.mktemp("webui-data")
+    extensions = data_dir / "extensions"
+    extensions.mkdir()
+    os.symlink(REPO_ROOT, extensions / EXTENSION_NAME)
+
+    install = subprocess.run(
+        [webui_python, os.path.join(REPO_ROOT, "install.py"), "--keep-installed"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+
+    port = _free_port()
+    log_path = data_dir / "webui.log"
+    command = [
+        webui_python, "launch.py", "--skip-prepare-environment", "--use-cpu", "all", "--no-half",
+        "--precision", "full", "--no-download-sd-model", "--api", "--nowebui", "--server-name", "127.0.0.1",
+        "--port", str(port), "--data-dir", str(data_dir), "--ckpt-dir", str(checkpoint_dir),
+        "--ckpt", str(checkpoint_dir / f"{names[0]}.safetensors"), "--lora-dir", str(checkpoint_dir / "Lora"),
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=webui_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = WebUI(f"http://127.0.0.1:{port}", process, log_path, names)
+    try:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the webui exited with {process.returncode}\n{server.log_tail()}")
+            try:
+                status, _ = server.request("/sdapi/v1/sd-models", timeout=10)
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the webui did not answer within {STARTUP_TIMEOUT_S} s\n{server.log_tail()}")
+            time.sleep(2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,203 @@
+"""The extension in the real webui, through its HTTP API: every accelerated image is compared with the eager
+image of the same request, and graph counts come from the status route (torch's own counters).
+
+The tests share one webui and run in file order, so the compiled graphs they pay for (each is ~1 minute of CPU
+cold) are few: the tiny UNet at 64x64, the same at hires fix's second size and at a 154-token context, and the
+UNet with another head count. Checkpoint switches, img2img, LoRA and the argument checks compile nothing.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from webui_server import WebUI
+
+SCRIPT = "onediff_diffusion_model"
+# A 64x64, 4-step request: fast on CPU, and enough steps for a compiled-vs-eager difference to show.
+BASE = {"prompt": "a red cube on a table", "negative_prompt": "blurry", "seed": 1234, "steps": 4,
+        "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 5, "batch_size": 1}
+# The compiled graph is not bit-identical to eager (fused kernels round differently); after the VAE and the
+# uint8 conversion that must stay within a couple of levels.
+MAX_LEVEL_DIFF = 3
+MAX_MEAN_DIFF = 0.25
+
+
+def with_checkpoint(request, name):
+    return dict(request, override_settings={"sd_model_checkpoint": name})
+
+
+def accelerated(request, args=(False,)):
+    return dict(request, script_name=SCRIPT, script_args=list(args))
+
+
+def onediff_info(answer):
+    return json.loads(answer["info"])["extra_generation_params"].get("OneDiff", "")
+
+
+def assert_same_image(eager_answer, compiled_answer):
+    eager, compiled = WebUI.image(eager_answer), WebUI.image(compiled_answer)
+    assert eager.shape == compiled.shape
+    difference = np.abs(eager - compiled)
+    assert difference.max() <= MAX_LEVEL_DIFF and difference.mean() <= MAX_MEAN_DIFF, (
+        f"compiled image differs from eager: max {difference.max()}, mean {difference.mean():.3f}"
+    )
+    assert eager.std() > 5, "the tiny model produced a flat image; the comparison would prove nothing"
+
+
+def assert_accelerated(answer):
+    info = onediff_info(answer)
+    assert info.startswith("inductor"), f"the job ran eagerly: {info!r}"
+
+
+def test_script_is_listed_for_txt2img_and_img2img(webui):
+    status, scripts = webui.request("/sdapi/v1/scripts")
+    assert status == 200
+    assert SCRIPT in scripts["txt2img"]
+    assert SCRIPT in scripts["img2img"]
+
+
+def test_same_seed_with_and_without_the_script(webui):
+    request = with_checkpoint(BASE, webui.checkpoints[0])
+    eager = webui.post_ok("/sdapi/v1/txt2img", request)
+    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+    assert_accelerated(compiled)
+    assert_same_image(eager, compiled)
+
+    status = webui.status()
+    assert status["compiles"] == 1
+    assert len(status["graphs"]) == 1 and status["graphs"][0]["compile_s"] > 0
+    assert status["last_job"]["accelerated"] is True
+
+    again = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+    assert webui.status()["last_job"]["new_graphs"] == 0, "a repeated request compiled again"
+    assert_same_image(eager, again)
+
+
+def test_same_structure_checkpoint_reuses_the_graph(webui):
+    base, same = webui.checkpoints[0], "tiny_same"
+    before = webui.status()
+    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(with_checkpoint(BASE, same)))
+    after = webui.status()
+    assert_accelerated(compiled)
+    assert json.loads(compiled["info"])["sd_model_name"] == same
+    assert after["compiles"] == before["compiles"], "a checkpoint of the same structure compiled a new graph"
+    assert after["dynamo_graphs_total"] == before["dynamo_graphs_total"]
+    assert after["last_job"]["reused"] is True
+
+    eager_same = webui.post_ok("/sdapi/v1/txt2img", with_checkpoint(BASE, same))
+    assert_same_image(eager_same, compiled)
+    eager_base = webui.post_ok("/sdapi/v1/txt2img", with_checkpoint(BASE, base))
+    assert np.abs(WebUI.image(eager_base) - WebUI.image(compiled)).max() > 20, (
+        "tiny_same and tiny_base give the same image: the test could not see stale weights"
+    )
+
+    back = webui.post_ok("/sdapi/v1/txt2img", accelerated(with_checkpoint(BASE, base)))
+    assert_same_image(eager_base, back)
+    assert webui.status()["compiles"] == before["compiles"]
+
+
+def test_structurally_different_checkpoint_compiles_its_own_graph(webui):
+    before = webui.status()
+    request = with_checkpoint(BASE, "tiny_heads")
+    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+    after = webui.status()
+    assert_accelerated(compiled)
+    assert after["compiles"] == before["compiles"] + 1
+    signatures = {graph["signature"] for graph in after["graphs"]}
+    assert len(signatures) == 2, signatures
+    assert_same_image(webui.post_ok("/sdapi/v1/txt2img", request), compiled)
+
+
+def test_img2img(webui):
+    source = webui.post_ok("/sdapi/v1/txt2img", with_checkpoint(BASE, webui.checkpoints[0]))["images"][0]
+    request = with_checkpoint(
+        {"init_images": [source], "prompt": "a blue sphere", "seed": 77, "steps": 4, "sampler_name": "Euler",
+         "cfg_scale": 5, "denoising_strength": 0.6, "width": 64, "height": 64},
+        webui.checkpoints[0],
+    )
+    compiled = webui.post_ok("/sdapi/v1/img2img", accelerated(request))
+    assert_accelerated(compiled)
+    assert webui.status()["last_job"]["new_graphs"] == 0, "img2img at a compiled size compiled again"
+    assert_same_image(webui.post_ok("/sdapi/v1/img2img", request), compiled)
+
+
+def test_hires_fix_two_sizes_in_one_job(webui):
+    request = with_checkpoint(
+        dict(BASE, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5,
+             hr_second_pass_steps=2),
+        webui.checkpoints[0],
+    )
+    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+    assert_accelerated(compiled)
+    first = webui.status()["last_job"]
+    assert first["new_graphs"] == 1, f"the second size should add exactly one graph: {first}"
+    assert_same_image(webui.post_ok("/sdapi/v1/txt2img", request), compiled)
+    assert WebUI.image(compiled).shape == (96, 96, 3)
+
+    webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+    assert webui.status()["last_job"]["new_graphs"] == 0, "both sizes should now be served by cached graphs"
+
+
+def test_prompt_over_75_tokens(webui):
+    long_prompt = ", ".join(["a red cube on a wooden table in the morning light"] * 9)  # > 75 tokens: 154 context
+    request = with_checkpoint(dict(BASE, prompt=long_prompt), webui.checkpoints[0])
+    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+    assert_accelerated(compiled)
+    assert_same_image(webui.post_ok("/sdapi/v1/txt2img", request), compiled)
+    status = webui.status()
+    assert status["recompile_limit_hits"] == [], status["recompile_limit_hits"]
+    assert status["recompiles"] >= 2  # hires size and context length, counted by torch
+
+
+def test_lora_reaches_the_compiled_unet_without_recompiling(webui):
+    plain = with_checkpoint(BASE, webui.checkpoints[0])
+    with_lora = dict(plain, prompt=BASE["prompt"] + " <lora:tiny_lora:1>")
+    before = webui.status()
+    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(with_lora))
+    after = webui.status()
+    assert_accelerated(compiled)
+    assert after["dynamo_graphs_total"] == before["dynamo_graphs_total"], "applying a LoRA recompiled"
+    assert after["lora_applications"] > before["lora_applications"] and after["last_lora_fuse_ms"] >= 0
+    assert_same_image(webui.post_ok("/sdapi/v1/txt2img", with_lora), compiled)
+
+    eager_plain = webui.post_ok("/sdapi/v1/txt2img", plain)
+    assert np.abs(WebUI.image(eager_plain) - WebUI.image(compiled)).max() > 20, "the LoRA changed nothing visible"
+    without_lora = webui.post_ok("/sdapi/v1/txt2img", accelerated(plain))  # the LoRA must come off again
+    assert_same_image(eager_plain, without_lora)
+    assert webui.status()["dynamo_graphs_total"] == before["dynamo_graphs_total"]
+
+
+@pytest.mark.parametrize("args", [[True], [{"0": True}], ["true"], [], [False, "ignored", 3]])
+def test_tolerant_script_args_are_accepted(webui, args):
+    answer = webui.post_ok("/sdapi/v1/txt2img", accelerated(with_checkpoint(BASE, webui.checkpoints[0]), args))
+    info = onediff_info(answer)
+    assert info.startswith("inductor"), info
+    asked_for_int8 = bool(args) and args[0] in (True, {"0": True}, "true")
+    assert ("int8" in info) == asked_for_int8, info  # int8 asked for: said whether it was applied
+
+
+@pytest.mark.parametrize("args", [["maybe"], [[1]], [2]])
+def test_bad_script_args_give_a_clear_error(webui, args):
+    status, answer = webui.request("/sdapi/v1/txt2img", accelerated(with_checkpoint(BASE, webui.checkpoints[0]), args))
+    assert status >= 400
+    assert "onediff_diffusion_model: script_args[0]" in json.dumps(answer), answer
+
+
+def test_several_loaded_checkpoints_never_share_one_graphs_weights(webui):
+    """sd_checkpoints_limit 2 keeps tiny_base loaded beside tiny_same: the graph holds tiny_base's weights, so
+    tiny_same must run eagerly (and say so), and tiny_base must still give its own image afterwards."""
+    base, same = webui.checkpoints[0], "tiny_same"
+    assert webui.request("/sdapi/v1/options", {"sd_checkpoints_limit": 2})[0] == 200
+    try:
+        eager_base = webui.post_ok("/sdapi/v1/txt2img", with_checkpoint(BASE, base))
+        first = webui.post_ok("/sdapi/v1/txt2img", accelerated(with_checkpoint(BASE, base)))
+        assert_accelerated(first)
+        other = webui.post_ok("/sdapi/v1/txt2img", accelerated(with_checkpoint(BASE, same)))
+        assert onediff_info(other).startswith("eager (the compiled graph of this structure holds the weights of")
+        assert_same_image(webui.post_ok("/sdapi/v1/txt2img", with_checkpoint(BASE, same)), other)
+        back = webui.post_ok("/sdapi/v1/txt2img", accelerated(with_checkpoint(BASE, base)))
+        assert_accelerated(back)
+        assert_same_image(eager_base, back)
+    finally:
+        webui.request("/sdapi/v1/options", {"sd_checkpoints_limit": 1})

@@ -1,0 +1,50 @@
+"""A client for a running webui, used by the integration tests (JSON over urllib, images as arrays)."""
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+
+
+class WebUI:
+    """A running webui: JSON requests against its API and its log for failure messages."""
+
+    def __init__(self, url, process, log_path, checkpoints):
+        self.url = url
+        self.process = process
+        self.log_path = log_path
+        self.checkpoints = checkpoints
+
+    def log_tail(self, lines=60):
+        with open(self.log_path, errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:])
+
+    def request(self, path, body=None, timeout=1800):
+        """(HTTP status, decoded JSON) for GET (no body) or POST (JSON body)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def post_ok(self, path, body):
+        status, answer = self.request(path, body)
+        assert status == 200, f"{path} answered {status}: {answer}\n--- webui log ---\n{self.log_tail()}"
+        return answer
+
+    @staticmethod
+    def image(answer, index=0):
+        """An answer's image as an int16 array (H, W, 3), so differences do not wrap around."""
+        import numpy as np
+        from PIL import Image
+
+        png = base64.b64decode(answer["images"][index])
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype("int16")
+
+    def status(self):
+        status, answer = self.request("/onediff/v1/status")
+        assert status == 200, answer
+        return answer

@@ -1,0 +1,52 @@
+"""The webui-independent half of the A1111 layer: tolerant script_args, job info text, the status JSON."""
+
+import json
+
+import pytest
+
+from onediff_sd_webui_extensions.state import JobRecord, OneDiffState, ScriptArgs, ScriptArgsError, Settings
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (None, False), ([], False), ([True], True), ([False], False), (True, True), (["true"], True),
+        (["False"], False), ([" on "], True), ([1], True), ([0], False), ([{"0": True}], True),
+        ([{"0": "false"}], False), ([True, "more", 3], True),
+    ],
+)
+def test_script_args_are_read_tolerantly(args, expected):
+    assert ScriptArgs.parse(args).quantization is expected
+
+
+@pytest.mark.parametrize("args", [["maybe"], [2], [[1]], [{"0": True, "1": False}], [None]])
+def test_unreadable_script_args_name_the_argument_and_the_accepted_forms(args):
+    with pytest.raises(ScriptArgsError, match=r"script_args\[0\] \(int8 quantization\) must be a boolean"):
+        ScriptArgs.parse(args)
+
+
+def test_settings_map_to_compile_options():
+    assert Settings().compile_options().mode is None
+    options = Settings(compile_mode="max-autotune-no-cudagraphs", dynamic=True).compile_options("int8")
+    assert (options.mode, options.dynamic, options.quantization) == ("max-autotune-no-cudagraphs", True, "int8")
+    assert Settings().compile_options() != Settings().compile_options("int8")  # int8 is its own graph
+
+
+def test_job_info_says_whether_the_job_was_accelerated():
+    eager = JobRecord(started=0.0, notices=["--lowvram moves UNet blocks"])
+    assert eager.info_text() == "eager (--lowvram moves UNet blocks)"
+    fast = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=True,
+                     new_graphs=1, notices=["dynamo hit its recompile limit"])
+    assert fast.info_text() == "inductor, reused UNetModel:abc, 1 new graph(s), dynamo hit its recompile limit"
+
+
+def test_status_is_json_and_counts_jobs():
+    state = OneDiffState()
+    job = state.start_job()
+    job.accelerated = True
+    state.finish_job(job)
+    state.finish_job(state.start_job())
+    status = json.loads(json.dumps(state.status()))
+    assert (status["jobs"], status["accelerated_jobs"], status["eager_jobs"]) == (2, 1, 1)
+    assert status["backends_available"]["inductor"] is True
+    assert status["graphs"] == [] and status["compiles"] == 0
