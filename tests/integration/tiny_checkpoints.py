@@ -137,7 +137,7 @@ def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed):
     model = instantiate_from_config(OmegaConf.load(yaml_path).model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for tensor_name, tensor in model.model.named_parameters():
+        for tensor in model.model.parameters():
             if tensor.ndim > 1 and not tensor.any():  # ldm's zero_module convolutions / projections
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
         # A1111 encodes img2img's input by sampling the VAE posterior with the global RNG, not the job's seed:
