@@ -31,3 +31,13 @@ def test_torch_is_never_in_the_install_list(monkeypatch):
 
 def test_nothing_missing_after_setup():
     assert load_install_module().missing(include_test=True) == []
+
+
+def test_inside_the_webui_every_installed_package_is_pinned():
+    import importlib.metadata
+
+    install = load_install_module()
+    with open(install._pin_torch_file(pin_everything=True)) as handle:
+        pins = set(handle.read().split())
+    assert f"torch=={importlib.metadata.version('torch')}" in pins
+    assert f"pytest=={importlib.metadata.version('pytest')}" in pins  # not only torch: the webui's packages too

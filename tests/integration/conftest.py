@@ -3,8 +3,8 @@
 Needs ``WEBUI_DIR`` (a webui checkout with its ``repositories/``) and ``WEBUI_PYTHON`` (a Python with the
 webui's requirements; default: this interpreter). The session builds tiny checkpoints, gives the webui its own
 data folder (``--data-dir``: settings, models and ``extensions/`` live there, the checkout is not touched),
-links this repository into that ``extensions/`` folder, installs the extension's dependencies the way
-``install.py`` does inside the webui (every installed package pinned), starts the API on a free loopback port
+links this repository into that ``extensions/`` folder, installs the extension's dependencies by running
+``install.py`` as the webui does (every installed package pinned), starts the API on a free loopback port
 and stops it at the end. Everything stays on 127.0.0.1; nothing is downloaded.
 """
 
@@ -68,9 +68,10 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
     extensions.mkdir()
     os.symlink(REPO_ROOT, extensions / EXTENSION_NAME)
 
+    # As the webui runs it: ``python install.py`` with the webui's root on PYTHONPATH, so ``import launch`` works.
     install = subprocess.run(
-        [webui_python, os.path.join(REPO_ROOT, "install.py"), "--keep-installed"],
-        capture_output=True, text=True, timeout=1800,
+        [webui_python, os.path.join(REPO_ROOT, "install.py")], cwd=webui_dir, capture_output=True, text=True,
+        timeout=1800, env=dict(os.environ, PYTHONPATH=webui_dir),
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
