@@ -4,6 +4,7 @@ Thin on purpose: argument parsing and state are in ``onediff_sd_webui_extensions
 settings and the status route in ``onediff_sd_webui_extensions.webui_hooks``.
 """
 
+import html
 import os
 import sys
 
@@ -21,10 +22,11 @@ from onediff_sd_webui_extensions.state import STATE, ScriptArgs  # noqa: E402
 TITLE = "onediff_diffusion_model"
 
 
-def _status_line() -> str:
+def _status_html() -> str:
     job = STATE.last_job
     last = f"last job: {job.info_text()}" if job else "no job yet"
-    return f"OneDiff: backend {STATE.settings.backend}, {len(STATE.cache.entries())} graph(s) cached; {last}"
+    text = f"OneDiff: backend {STATE.settings.backend}, {len(STATE.cache.entries())} graph(s) cached; {last}"
+    return f"<p>{html.escape(text)}</p>"
 
 
 class Script(scripts.Script):
@@ -40,7 +42,10 @@ class Script(scripts.Script):
         quantization = gr.Checkbox(
             label=label if missing is None else f"{label} ({missing})", value=False, interactive=missing is None
         )
-        gr.HTML(f"<p>{_status_line()}</p>")
+        with gr.Row():
+            status = gr.HTML(value=_status_html)  # a callable value is evaluated on every page load
+            refresh = gr.Button(value="Refresh status", size="sm", scale=0, min_width=130)
+        refresh.click(fn=_status_html, inputs=[], outputs=[status])
         return [quantization]
 
     def run(self, p, *args):
