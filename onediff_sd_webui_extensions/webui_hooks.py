@@ -118,7 +118,7 @@ class GuardedUNet(torch.nn.Module):
             return getattr(self._modules["eager"], name)
 
 
-def _eager_reason(sd_model, script_args: ScriptArgs) -> Optional[str]:
+def _eager_reason(sd_model) -> Optional[str]:
     if shared.cmd_opts.lowvram:
         return "--lowvram moves UNet blocks during the forward, which a compiled graph cannot follow"
     if sd_unet.current_unet is not None:
@@ -161,7 +161,7 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     eager_unet = wrapper.diffusion_model
     settings = STATE.settings
 
-    reason = _eager_reason(sd_model, script_args)
+    reason = _eager_reason(sd_model)
     quantization = ""
     if reason is None and script_args.quantization:
         missing = quantization_available()
