@@ -201,3 +201,18 @@ def test_several_loaded_checkpoints_never_share_one_graphs_weights(webui):
         assert_same_image(eager_base, back)
     finally:
         webui.request("/sdapi/v1/options", {"sd_checkpoints_limit": 1})
+
+
+def test_status_route_reports_graphs_counters_and_lora(webui):
+    status = webui.status()
+    assert status["backend"] == "auto" and status["backends_available"]["inductor"] is True
+    for graph in status["graphs"]:
+        assert graph["backend"] == "inductor" and graph["compile_s"] > 0 and graph["signature"].startswith("UNetModel:")
+    assert status["compiles"] == 2 and status["reuses"] > 0  # tiny_base's and tiny_heads' structures
+    assert status["recompiles"] >= 2 and status["recompile_limit_hits"] == []
+    assert status["compiled_call_failures"] == 0 and status["failed_graphs"] == []
+    assert status["last_lora_fuse_ms"] is not None
+    print("\nstatus:", json.dumps({key: status[key] for key in ("compiles", "reuses", "recompiles",
+          "dynamo_graphs_total", "jobs", "accelerated_jobs", "eager_jobs", "last_lora_fuse_ms")}))
+    print("graphs:", json.dumps([{key: graph[key] for key in ("signature", "compile_s", "graphs", "recompiles",
+          "calls", "reuses")} for graph in status["graphs"]]))
