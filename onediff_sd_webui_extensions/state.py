@@ -167,6 +167,7 @@ class OneDiffState:
             "evictions": cache["evictions"],
             "recompiles": cache["recompiles"],
             "recompile_limit_hits": cache["recompile_limit_hits"],
+            "persistent_cache": cache["persistent_cache"],
             "dynamo_graphs_total": compiled_graph_count(),
             "jobs": self.jobs,
             "accelerated_jobs": self.accelerated_jobs,

@@ -24,8 +24,9 @@ from typing import Any, Optional
 
 import torch
 
-from compile import BackendUnavailable, compiled_graph_count
-from modules import processing, sd_models, sd_unet, shared
+from compile import BackendUnavailable, CompileOptions, compiled_graph_count
+from compile.persistent_cache import PersistentCache
+from modules import devices, processing, sd_unet, shared
 
 from . import a1111_lora
 from .state import (
@@ -47,12 +48,10 @@ INFO_KEY = "OneDiff"
 
 
 def quantization_available() -> Optional[str]:
-    """None when int8 quantization can be used, else why not (shown beside the checkbox)."""
-    try:
-        from compile import quantization  # noqa: F401  (added by the int8 work)
-    except ImportError:
-        return "int8 quantization is not available in this version yet"
-    return None
+    """None when int8 quantization can be used on the webui's device, else why not (shown beside the checkbox)."""
+    from compile.quantization import int8_availability
+
+    return int8_availability(devices.device)
 
 
 def read_settings() -> Settings:
@@ -88,7 +87,15 @@ class GuardedUNet(torch.nn.Module):
         self.failed = False
 
     def _apply_lora(self) -> None:
-        report = a1111_lora.apply_networks_to_unet(self.eager, self.captured)
+        options: CompileOptions = self.graph_key.options
+        if options.quantization:
+            # An int8 graph has its own int8 copy: fuse into the float eager UNet, then bind it again, which
+            # re-quantizes exactly the layers whose weights changed (0 recompiles).
+            report = a1111_lora.apply_networks_to_unet(self.eager, self.eager)
+            if report.updated_modules:
+                STATE.cache.get(self.eager, self.graph_key.backend, options)
+        else:
+            report = a1111_lora.apply_networks_to_unet(self.eager, self.captured)
         if report.updated_modules or report.dropped_biases:
             STATE.record_lora(report)
             comment = report.comment()
@@ -128,31 +135,6 @@ def _eager_reason(sd_model) -> Optional[str]:
     return None
 
 
-def _first_pointer(module: torch.nn.Module) -> Optional[int]:
-    first = next(module.parameters(), None)
-    return None if first is None or first.device.type == "meta" else first.data_ptr()
-
-
-def _weights_held_by_another_loaded_model(sd_model, eager_unet, options) -> Optional[str]:
-    """The title of another loaded model whose UNet weights the cached graph for ``eager_unet`` holds, if any.
-
-    With ``sd_checkpoints_limit`` > 1 A1111 keeps several models loaded. Binding a second model of the same
-    structure writes its weights into the storage the graph captured, which is then still the first model's
-    UNet: switching back would silently generate with the wrong weights. Such jobs run eagerly instead.
-    """
-    key, _ = STATE.cache.key_for(eager_unet, STATE.settings.backend, options)
-    entry = next((entry for entry in STATE.cache.entries() if entry.key == key), None)
-    if entry is None or entry.module is eager_unet:
-        return None
-    captured = _first_pointer(entry.module)
-    if captured is None or captured == _first_pointer(eager_unet):
-        return None
-    for other in sd_models.model_data.loaded_sd_models:
-        if other is not sd_model and _first_pointer(other.model.diffusion_model) == captured:
-            return getattr(other.sd_checkpoint_info, "title", "another model")
-    return None
-
-
 @contextlib.contextmanager
 def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     """Put a compiled UNet into ``p.sd_model`` for the block, and the eager one back afterwards."""
@@ -173,12 +155,7 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     if reason is None:
         options = settings.compile_options(quantization)
         try:
-            holder = _weights_held_by_another_loaded_model(sd_model, eager_unet, options)
-            if holder is not None:
-                reason = (f"the compiled graph of this structure holds the weights of {holder}, which is still "
-                          "loaded (sd_checkpoints_limit > 1); set it to 1 to switch checkpoints on one graph")
-            else:
-                lookup = STATE.cache.get(eager_unet, settings.backend, options)
+            lookup = STATE.cache.get(eager_unet, settings.backend, options)
         except BackendUnavailable as error:
             reason = str(error)
         except Exception as error:  # noqa: BLE001
@@ -253,7 +230,7 @@ def on_ui_settings():
             {"minimum": 1, "maximum": 8, "step": 1}, section=section,
         ),
         OPTION_CACHE_DIR: shared.OptionInfo(
-            "", "Compile cache folder (TORCHINDUCTOR_CACHE_DIR; empty: torch's default; applies after a restart)",
+            "", "Compile cache folder: compiled graphs kept across restarts (empty: none; applies after a restart)",
             section=section,
         ),
     }
@@ -262,13 +239,9 @@ def on_ui_settings():
 
 
 def apply_cache_dir() -> None:
-    """Point inductor's on-disk cache at the configured folder (read at start-up, before any compile)."""
-    import os
-
+    """Keep compiled graphs on disk across restarts in the configured folder (read at start-up)."""
     folder = str(shared.opts.data.get(OPTION_CACHE_DIR, "") or "")
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    STATE.cache.persistent = PersistentCache(folder) if folder else None
 
 
 def on_app_started(_demo, app):

@@ -101,6 +101,8 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
             if time.time() > deadline:
                 pytest.fail(f"the webui did not answer within {STARTUP_TIMEOUT_S} s\n{server.log_tail()}")
             time.sleep(2)
+        # keep every graph the tests build (float, other heads, int8) so none is evicted and compiled twice
+        assert server.request("/sdapi/v1/options", {"onediff_max_graphs": 4})[0] == 200
         yield server
     finally:
         process.terminate()
