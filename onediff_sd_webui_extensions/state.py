@@ -169,6 +169,7 @@ class OneDiffState:
             "recompile_limit_hits": cache["recompile_limit_hits"],
             "persistent_cache": cache["persistent_cache"],
             "dynamo_graphs_total": compiled_graph_count(),
+            "dynamo_recompile_limit": _dynamo_recompile_limit(),
             "jobs": self.jobs,
             "accelerated_jobs": self.accelerated_jobs,
             "eager_jobs": self.eager_jobs,
@@ -180,6 +181,12 @@ class OneDiffState:
             "lora_applications": self.lora_applications,
             "torch": torch.__version__,
         }
+
+
+def _dynamo_recompile_limit() -> int:
+    import torch._dynamo.config as dynamo_config
+
+    return int(dynamo_config.recompile_limit)
 
 
 STATE = OneDiffState()

@@ -191,9 +191,31 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
         p.extra_generation_params[INFO_KEY] = job.info_text()
 
 
+# Graphs one UNet structure may need: its image sizes, batch sizes (A1111 runs cond and uncond apart when their
+# lengths differ), context lengths and hires fix's second size.
+GRAPHS_PER_STRUCTURE = 8
+
+
+def ensure_recompile_limit(max_graphs: int) -> int:
+    """Raise dynamo's recompile limit to what the graph cache may legitimately hold, and return it.
+
+    Dynamo keeps its compiled graphs per *code object*, and every ldm/sgm UNet runs A1111's one
+    ``sd_unet.UNetModel_forward``: all structures and all shapes share one list of at most ``recompile_limit``
+    (8) graphs, after which dynamo silently runs eagerly. Measured in the webui: a 64x64 graph, its hires size,
+    a 154-token prompt (two batch-1 graphs) and a second structure already make 6.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    wanted = GRAPHS_PER_STRUCTURE * max(1, int(max_graphs))
+    if dynamo_config.recompile_limit < wanted:
+        dynamo_config.recompile_limit = wanted
+    return dynamo_config.recompile_limit
+
+
 def process_images(p, script_args: ScriptArgs):
     """``processing.process_images(p)`` with the compiled UNet swapped in around every ``p.sample`` call."""
     STATE.apply_settings(read_settings())
+    ensure_recompile_limit(STATE.settings.max_graphs)
     job = STATE.start_job()
     original_sample = p.sample  # the bound method; restored by deleting the instance attribute below
 
