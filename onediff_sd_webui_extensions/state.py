@@ -131,6 +131,7 @@ class OneDiffState:
         self.last_job: Optional[JobRecord] = None
         self.last_lora: Optional[Dict[str, Any]] = None  # a1111_lora.LoraApplyReport.as_dict() of the last change
         self.lora_applications = 0
+        self.dynamo_recompile_limit: Optional[int] = None  # as set for the last job (a per-context torch setting)
 
     def apply_settings(self, settings: Settings) -> None:
         self.settings = settings
@@ -169,7 +170,7 @@ class OneDiffState:
             "recompile_limit_hits": cache["recompile_limit_hits"],
             "persistent_cache": cache["persistent_cache"],
             "dynamo_graphs_total": compiled_graph_count(),
-            "dynamo_recompile_limit": _dynamo_recompile_limit(),
+            "dynamo_recompile_limit": self.dynamo_recompile_limit or _dynamo_recompile_limit(),
             "jobs": self.jobs,
             "accelerated_jobs": self.accelerated_jobs,
             "eager_jobs": self.eager_jobs,

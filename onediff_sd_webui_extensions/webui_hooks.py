@@ -199,6 +199,9 @@ GRAPHS_PER_STRUCTURE = 8
 def ensure_recompile_limit(max_graphs: int) -> int:
     """Raise dynamo's recompile limit to what the graph cache may legitimately hold, and return it.
 
+    torch keeps config overrides in a context variable, and the webui runs each API request in a copied
+    context, so this is set at the start of every job, in the thread that compiles.
+
     Dynamo keeps its compiled graphs per *code object*, and every ldm/sgm UNet runs A1111's one
     ``sd_unet.UNetModel_forward``: all structures and all shapes share one list of at most ``recompile_limit``
     (8) graphs, after which dynamo silently runs eagerly. Measured in the webui: a 64x64 graph, its hires size,
@@ -215,7 +218,7 @@ def ensure_recompile_limit(max_graphs: int) -> int:
 def process_images(p, script_args: ScriptArgs):
     """``processing.process_images(p)`` with the compiled UNet swapped in around every ``p.sample`` call."""
     STATE.apply_settings(read_settings())
-    ensure_recompile_limit(STATE.settings.max_graphs)
+    STATE.dynamo_recompile_limit = ensure_recompile_limit(STATE.settings.max_graphs)
     job = STATE.start_job()
     original_sample = p.sample  # the bound method; restored by deleting the instance attribute below
 
