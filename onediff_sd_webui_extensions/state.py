@@ -96,6 +96,7 @@ class JobRecord:
     accelerated: bool = False
     graph: str = ""
     reused: Optional[bool] = None
+    from_compile_cache: bool = False  # a new graph loaded from the persistent compile cache
     quantization: str = ""
     bind_ms: float = 0.0
     new_graphs: int = 0
@@ -107,7 +108,8 @@ class JobRecord:
         """One line for the image's generation parameters ("OneDiff: ...")."""
         if not self.accelerated:
             return "eager (" + "; ".join(self.notices or ["not accelerated"]) + ")"
-        parts = [self.backend, ("reused " if self.reused else "compiled ") + self.graph]
+        verb = "reused" if self.reused else "loaded" if self.from_compile_cache else "compiled"
+        parts = [self.backend, f"{verb} {self.graph}"]
         if self.quantization:
             parts.append(f"{self.quantization} quantized")
         if self.new_graphs:

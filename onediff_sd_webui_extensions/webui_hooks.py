@@ -176,6 +176,7 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     job.graph = lookup.entry.signature.short()
     job.quantization = quantization
     job.reused = lookup.reused if job.reused is None else job.reused
+    job.from_compile_cache = job.from_compile_cache or (not lookup.reused and bool(lookup.entry.cache_hit))
     job.bind_ms += lookup.bind_ms
     graphs_before = compiled_graph_count()
     limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)

@@ -38,6 +38,9 @@ def test_job_info_says_whether_the_job_was_accelerated():
     fast = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=True,
                      new_graphs=1, notices=["dynamo hit its recompile limit"])
     assert fast.info_text() == "inductor, reused UNetModel:abc, 1 new graph(s), dynamo hit its recompile limit"
+    stored = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=False,
+                       from_compile_cache=True, quantization="int8")
+    assert stored.info_text() == "inductor, loaded UNetModel:abc, int8 quantized"
 
 
 def test_status_is_json_and_counts_jobs():
