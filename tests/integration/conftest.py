@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from webui_server import WebUI
+from .webui_server import WebUI
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))

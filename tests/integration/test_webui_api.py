@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from webui_server import WebUI
+from .webui_server import WebUI
 
 SCRIPT = "onediff_diffusion_model"
 # A 64x64, 4-step request: fast on CPU, and enough steps for a compiled-vs-eager difference to show.
