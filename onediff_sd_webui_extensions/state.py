@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -24,6 +25,9 @@ OPTION_COMPILE_MODE = "onediff_compile_mode"
 OPTION_DYNAMIC = "onediff_dynamic_shapes"
 OPTION_CACHE_DIR = "onediff_cache_dir"
 OPTION_MAX_GRAPHS = "onediff_max_graphs"
+OPTION_CLEAR_CACHE = "onediff_clear_compile_cache"
+# Compiled graphs kept across restarts, by default inside the extension's folder (ignored by its git).
+DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "compile_cache")
 
 BACKEND_CHOICES = [AUTO, *KNOWN_BACKENDS]
 COMPILE_MODE_CHOICES = ["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
@@ -79,7 +83,7 @@ class Settings:
     backend: str = AUTO
     compile_mode: str = "default"
     dynamic: bool = False  # see README: inductor on CPU cannot lower ldm's 1x1 convs with symbolic sizes
-    cache_dir: str = ""
+    cache_dir: str = DEFAULT_CACHE_DIR
     max_graphs: int = 2
 
     def compile_options(self, quantization: str = "") -> CompileOptions:
@@ -97,6 +101,7 @@ class JobRecord:
     graph: str = ""
     reused: Optional[bool] = None
     from_compile_cache: bool = False  # a new graph loaded from the persistent compile cache
+    compile_s: Optional[float] = None  # the first call of a new graph in this job (compiling or loading it)
     quantization: str = ""
     bind_ms: float = 0.0
     new_graphs: int = 0
@@ -109,7 +114,8 @@ class JobRecord:
         if not self.accelerated:
             return "eager (" + "; ".join(self.notices or ["not accelerated"]) + ")"
         verb = "reused" if self.reused else "loaded" if self.from_compile_cache else "compiled"
-        parts = [self.backend, f"{verb} {self.graph}"]
+        took = f" in {self.compile_s:.1f} s" if self.compile_s is not None and not self.reused else ""
+        parts = [self.backend, f"{verb} {self.graph}{took}"]
         if self.quantization:
             parts.append(f"{self.quantization} quantized")
         if self.new_graphs:

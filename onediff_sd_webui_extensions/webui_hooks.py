@@ -18,10 +18,12 @@ selected we stay eager.
 from __future__ import annotations
 
 import contextlib
+import html
 import logging
 import traceback
 from typing import Any, Optional
 
+import gradio as gr
 import torch
 
 from compile import BackendUnavailable, CompileOptions, compiled_graph_count
@@ -32,8 +34,10 @@ from . import a1111_lora
 from .state import (
     BACKEND_CHOICES,
     COMPILE_MODE_CHOICES,
+    DEFAULT_CACHE_DIR,
     OPTION_BACKEND,
     OPTION_CACHE_DIR,
+    OPTION_CLEAR_CACHE,
     OPTION_COMPILE_MODE,
     OPTION_DYNAMIC,
     OPTION_MAX_GRAPHS,
@@ -178,6 +182,9 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     job.reused = lookup.reused if job.reused is None else job.reused
     job.from_compile_cache = job.from_compile_cache or (not lookup.reused and bool(lookup.entry.cache_hit))
     job.bind_ms += lookup.bind_ms
+    first_call = lookup.entry.compile_s is None
+    if first_call:
+        announce_first_call(lookup.entry)
     graphs_before = compiled_graph_count()
     limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
     wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key)
@@ -185,11 +192,25 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
         yield
     finally:
         wrapper.diffusion_model = eager_unet
+        if first_call and lookup.entry.compile_s is not None:
+            job.compile_s = lookup.entry.compile_s
+            print(f"OneDiff: graph {job.graph} ready in {job.compile_s:.1f} s", flush=True)
         job.new_graphs += compiled_graph_count() - graphs_before
         if len(STATE.cache.recompile_limit_watcher.messages) > limit_hits_before:
             job.recompile_limit_hit = True
             job.notices.append("dynamo hit its recompile limit: part of this job ran eagerly (see the status route)")
         p.extra_generation_params[INFO_KEY] = job.info_text()
+
+
+def announce_first_call(entry) -> None:
+    """Say on the console, before the long silent first call, that a graph is being built and for how long."""
+    expected = f"; took about {entry.expected_s:.0f} s last time" if entry.expected_s else ""
+    if entry.cache_hit:
+        what = "loading a compiled graph from the compile cache"
+    else:
+        problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
+        what = f"compiling a new graph with {entry.key.backend}, once per UNet structure and size{problem}"
+    print(f"OneDiff: {what} {entry.signature.short()}{expected} ...", flush=True)
 
 
 # Graphs one UNet structure may need: its image sizes, batch sizes (A1111 runs cond and uncond apart when their
@@ -236,8 +257,6 @@ def process_images(p, script_args: ScriptArgs):
 
 
 def on_ui_settings():
-    import gradio as gr
-
     section = ("onediff", "OneDiff")
     options = {
         OPTION_BACKEND: shared.OptionInfo(
@@ -256,9 +275,15 @@ def on_ui_settings():
             {"minimum": 1, "maximum": 8, "step": 1}, section=section,
         ),
         OPTION_CACHE_DIR: shared.OptionInfo(
-            "", "Compile cache folder: compiled graphs kept across restarts (empty: none; applies after a restart)",
+            DEFAULT_CACHE_DIR,
+            "Compile cache folder: compiled graphs kept across restarts (empty: none; applies after a restart)",
             section=section,
         ),
+        OPTION_CLEAR_CACHE: shared.OptionInfo(
+            False, "Clear the compile cache when these settings are applied", onchange=clear_compile_cache,
+            section=section,
+        ),
+        "onediff_compile_cache_size": _LiveHTML(compile_cache_html, section),
     }
     for key, info in options.items():
         shared.opts.add_option(key, info)
@@ -266,8 +291,34 @@ def on_ui_settings():
 
 def apply_cache_dir() -> None:
     """Keep compiled graphs on disk across restarts in the configured folder (read at start-up)."""
-    folder = str(shared.opts.data.get(OPTION_CACHE_DIR, "") or "")
+    folder = str(shared.opts.data.get(OPTION_CACHE_DIR, DEFAULT_CACHE_DIR) or "")
     STATE.cache.persistent = PersistentCache(folder) if folder else None
+
+
+def compile_cache_html() -> str:
+    persistent = STATE.cache.persistent
+    if persistent is None:
+        return "<p>Compile cache: off (no folder set).</p>"
+    status = persistent.status()
+    return (f"<p>Compile cache: {status['entries']} graph(s), {status['size_bytes'] / 2**20:.1f} MB in "
+            f"<code>{html.escape(status['folder'])}</code></p>")
+
+
+def clear_compile_cache() -> None:
+    """Settings action: empty the compile cache folder, then untick the box (it is an action, not a state)."""
+    if shared.opts.data.get(OPTION_CLEAR_CACHE) and STATE.cache.persistent is not None:
+        removed, freed = STATE.cache.persistent.clear()
+        print(f"OneDiff: compile cache cleared: {removed} graph(s), {freed / 2**20:.1f} MB", flush=True)
+    shared.opts.data[OPTION_CLEAR_CACHE] = False
+
+
+class _LiveHTML(shared.OptionHTML):
+    """A settings line whose HTML is computed on every page load (gradio calls a callable value)."""
+
+    def __init__(self, render, section):
+        super().__init__("")
+        self.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info")
+        self.section = section
 
 
 def on_app_started(_demo, app):

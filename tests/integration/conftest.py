@@ -76,6 +76,8 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
     port = _free_port()
+    # the compile cache folder (default: inside the extension) goes to this session's data folder
+    (data_dir / "config.json").write_text(json.dumps({"onediff_cache_dir": str(data_dir / "compile-cache")}))
     log_path = data_dir / "webui.log"
     command = [
         webui_python, "launch.py", "--skip-prepare-environment", "--use-cpu", "all", "--no-half",

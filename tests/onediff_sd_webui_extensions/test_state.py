@@ -41,6 +41,18 @@ def test_job_info_says_whether_the_job_was_accelerated():
     stored = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=False,
                        from_compile_cache=True, quantization="int8")
     assert stored.info_text() == "inductor, loaded UNetModel:abc, int8 quantized"
+    built = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=False,
+                      compile_s=71.04)
+    assert built.info_text() == "inductor, compiled UNetModel:abc in 71.0 s"
+
+
+def test_compile_cache_defaults_to_a_folder_inside_the_extension():
+    import os
+
+    from conftest import ROOT
+
+    assert os.path.dirname(Settings().cache_dir) == ROOT
+    assert "/compile_cache/" in open(os.path.join(ROOT, ".gitignore")).read()
 
 
 def test_status_is_json_and_counts_jobs():
