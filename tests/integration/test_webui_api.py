@@ -222,3 +222,47 @@ def test_status_route_reports_graphs_counters_and_lora(webui):
           "dynamo_graphs_total", "jobs", "accelerated_jobs", "eager_jobs", "last_lora_fuse_ms")}))
     print("graphs:", json.dumps([{key: graph[key] for key in ("signature", "compile_s", "graphs", "recompiles",
           "calls", "reuses")} for graph in status["graphs"]]))
+
+
+def test_lora_switch_reweight_and_text_encoder_lora_match_eager(webui):
+    """Switching LoRAs, changing the weight, a text-encoder-only LoRA and removing them: every accelerated image
+    equals the webui's own eager image for the same request, and nothing compiles."""
+    plain = with_checkpoint(BASE, webui.checkpoints[0])
+    before = webui.status()["dynamo_graphs_total"]
+    for tag in ("<lora:tiny_lora_b:0.5>", "<lora:tiny_lora:1>", "<lora:tiny_lora:0.3>", "<lora:tiny_te_lora:1>", ""):
+        request = dict(plain, prompt=f"{BASE['prompt']} {tag}".strip())
+        compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+        assert_accelerated(compiled)
+        assert_same_image(webui.post_ok("/sdapi/v1/txt2img", request), compiled)
+        if tag == "<lora:tiny_te_lora:1>":  # the text encoder's LoRA works as without the script
+            unchanged = WebUI.image(webui.post_ok("/sdapi/v1/txt2img", plain))
+            assert np.abs(WebUI.image(compiled) - unchanged).max() > 20, "the text-encoder LoRA changed nothing"
+    assert webui.status()["dynamo_graphs_total"] == before, "a LoRA change compiled a graph"
+
+
+def psnr(a, b):
+    return 10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12))
+
+
+# int8 (weights and activations) changes the image a little; measured on the tiny model: see the test's output.
+INT8_MIN_PSNR_DB = 25.0
+
+
+def test_int8_image_close_to_float_and_lora_changes_it_alike(webui):
+    plain = with_checkpoint(BASE, webui.checkpoints[0])
+    with_lora = dict(plain, prompt=BASE["prompt"] + " <lora:tiny_lora:1>")
+    float_plain = WebUI.image(webui.post_ok("/sdapi/v1/txt2img", plain))
+    float_lora = WebUI.image(webui.post_ok("/sdapi/v1/txt2img", with_lora))
+    webui.post_ok("/sdapi/v1/txt2img", accelerated(plain, [True]))  # the int8 graph exists or is built here
+    before = webui.status()["dynamo_graphs_total"]
+    int8_answer = webui.post_ok("/sdapi/v1/txt2img", accelerated(plain, [True]))
+    int8_lora = WebUI.image(webui.post_ok("/sdapi/v1/txt2img", accelerated(with_lora, [True])))
+    int8_again = WebUI.image(webui.post_ok("/sdapi/v1/txt2img", accelerated(plain, [True])))
+    assert "int8 quantized" in onediff_info(int8_answer) and "reused" in onediff_info(int8_answer)
+    assert webui.status()["dynamo_graphs_total"] == before, "int8 reuse or its LoRA compiled a graph"
+    int8_plain = WebUI.image(int8_answer)
+    measured = {"plain": psnr(int8_plain, float_plain), "lora": psnr(int8_lora, float_lora)}
+    print(f"int8 vs float eager PSNR (dB): {measured}")
+    assert min(measured.values()) >= INT8_MIN_PSNR_DB, measured
+    assert np.abs(int8_lora - int8_plain).max() > 20, "the LoRA changed nothing in the int8 image"
+    assert psnr(int8_again, int8_plain) >= 40, "removing the LoRA did not restore the int8 image"

@@ -150,19 +150,19 @@ def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed):
     return model
 
 
-def write_lora(folder, unet, name="tiny_lora", rank=4):
-    """A kohya-format LoRA (``lora_unet_<ldm path>``) on every attention Linear of ``unet``, strong enough to
-    change the image visibly. A1111 maps these names onto its modules by replacing ``lora_unet`` with
-    ``diffusion_model``."""
+def write_lora(folder, model, name="tiny_lora", rank=4, seed=99, prefix="lora_unet_", path_filter=".attn"):
+    """A kohya-format LoRA (``<prefix><module path with _>``) on every Linear of ``model`` whose path contains
+    ``path_filter``, strong enough to change the image visibly. A1111 maps ``lora_unet_<ldm path>`` onto the
+    UNet and ``lora_te_text_model_...`` onto the text encoder."""
     import torch
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    generator = torch.Generator().manual_seed(99)
+    generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for path, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".attn" in path:
-            key = "lora_unet_" + path.replace(".", "_")
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and path_filter in path:
+            key = prefix + path.replace(".", "_")
             tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.5
             tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
             tensors[f"{key}.alpha"] = torch.tensor(float(rank))
@@ -176,7 +176,13 @@ def main(webui_dir, out_dir):
     write_text_encoder(text_encoder)
     models = {name: write_checkpoint(out_dir, name, text_encoder, overrides, seed)
               for name, (overrides, seed) in CHECKPOINTS.items()}
-    write_lora(os.path.join(out_dir, "Lora"), models["tiny_base"].model.diffusion_model)
+    loras = os.path.join(out_dir, "Lora")
+    write_lora(loras, models["tiny_base"].model.diffusion_model)
+    write_lora(loras, models["tiny_base"].model.diffusion_model, name="tiny_lora_b", seed=7)
+    from transformers import CLIPTextModel
+
+    write_lora(loras, CLIPTextModel.from_pretrained(text_encoder), name="tiny_te_lora", seed=5,
+               prefix="lora_te_", path_filter="self_attn")
     print(json.dumps(sorted(CHECKPOINTS)))
 
 
