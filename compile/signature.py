@@ -36,10 +36,15 @@ def _setting_value(value: Any) -> Any:
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
+# Attributes that hosts attach to modules as runtime state, not structure: A1111's Lora extension keeps the
+# applied networks and weight backups on every layer (network_current_names, network_weights_backup, ...).
+_RUNTIME_STATE_PREFIXES = ("_", "network_")
+
+
 def _module_settings(module: torch.nn.Module) -> dict:
     settings = {}
     for key, value in vars(module).items():
-        if key.startswith("_") or key == "training":
+        if key.startswith(_RUNTIME_STATE_PREFIXES) or key == "training":
             continue
         described = _setting_value(value)
         if described is not None:

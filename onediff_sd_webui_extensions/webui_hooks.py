@@ -81,23 +81,25 @@ class GuardedUNet(torch.nn.Module):
     """
 
     def __init__(self, compiled: torch.nn.Module, eager: torch.nn.Module, captured: torch.nn.Module,
-                 job: JobRecord, graph_key: Any):
+                 job: JobRecord, graph_key: Any, binding: Any):
         super().__init__()
         self.compiled = compiled
         self.eager = eager
         object.__setattr__(self, "captured", captured)
         object.__setattr__(self, "job", job)
         object.__setattr__(self, "graph_key", graph_key)
+        object.__setattr__(self, "binding", binding)
         self.failed = False
 
     def _apply_lora(self) -> None:
         options: CompileOptions = self.graph_key.options
         if options.quantization:
-            # An int8 graph has its own int8 copy: fuse into the float eager UNet, then bind it again, which
-            # re-quantizes exactly the layers whose weights changed (0 recompiles).
+            # An int8 graph has its own int8 copy: fuse into the float eager UNet, then bind the copy to it, which
+            # re-quantizes exactly the layers whose weights changed since the last bind (0 recompiles). Bind
+            # every time, not only when this call changed something: an eager job may already have applied
+            # the same LoRA to the float UNet, and then nothing changes here while the int8 copy lacks it.
             report = a1111_lora.apply_networks_to_unet(self.eager, self.eager)
-            if report.updated_modules:
-                STATE.cache.get(self.eager, self.graph_key.backend, options)
+            self.binding.bind(self.eager)
         else:
             report = a1111_lora.apply_networks_to_unet(self.eager, self.captured)
         if report.updated_modules or report.dropped_biases:
@@ -187,7 +189,8 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
         announce_first_call(lookup.entry)
     graphs_before = compiled_graph_count()
     limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
-    wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key)
+    wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key,
+                                              lookup.entry.binding)
     try:
         yield
     finally:

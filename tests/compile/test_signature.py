@@ -24,3 +24,18 @@ def test_inpainting_channels_and_dtype_differ():
     base = structure_signature(build_preset("tiny"))
     assert base != structure_signature(build_preset("tiny", in_channels=9))
     assert base != structure_signature(build_preset("tiny").half())
+
+
+def test_a1111_lora_bookkeeping_on_modules_is_not_structure():
+    """A1111's Lora extension stores the applied networks and backups on each layer; a UNet that ran a LoRA is
+    still the same structure (else every LoRA job would get a new graph entry)."""
+    import torch
+
+    unet = build_preset("tiny")
+    before = structure_signature(unet)
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.network_current_names = (("tiny_lora", 1.0, 1.0, None),)
+            module.network_weights_backup = module.weight.detach().clone()
+            module.network_bias_backup = None
+    assert structure_signature(unet) == before
