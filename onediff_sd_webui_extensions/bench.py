@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterator
 import torch
 
 from compile import BackendUnavailable, CompileOptions, count_new_graphs, resolve_backend
-from compile.models import PRESET_LATENT, PRESETS, build_preset, example_inputs, load_checkpoint_unet
+from compile.models import PRESET_LATENT, PRESETS, build_preset, build_unet, example_inputs, load_checkpoint_unet
 from onediff_sd_webui_extensions.bench_cache import add_cache_argument, cache_section, graph_cache_for
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,10 +93,7 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
         unet, model_name = load_checkpoint_unet(args.checkpoint, dtype=dtype, device=device)
         second = _perturbed_copy(unet, seed=1)
         latent = args.latent or 64
-        other_config = dict(unet.config, in_channels=9)
-        from compile.models import build_unet
-
-        other = build_unet(dict(other_config), seed=2, dtype=dtype, device=device)
+        other = build_unet(dict(unet.config, in_channels=9), seed=2, dtype=dtype, device=device)
     else:
         model_name = f"preset:{args.preset}"
         unet = build_preset(args.preset, seed=0, dtype=dtype, device=device)
