@@ -3,6 +3,8 @@ binding. Nothing here imports the webui, so all of it is tested without one."""
 
 from .backends import (
     AUTO,
+    AUTO_MODE,
+    CUDA_GRAPHS_MODE,
     INDUCTOR,
     KNOWN_BACKENDS,
     NEXFORT,
@@ -12,6 +14,8 @@ from .backends import (
     available_backends,
     compile_module,
     resolve_backend,
+    resolve_mode,
+    uses_cuda_graphs,
 )
 from .counters import RecompileLimitWatcher, compiled_graph_count, count_new_graphs
 from .graph_cache import CompiledUNet, GraphCache, GraphEntry, GraphKey, Lookup

@@ -19,6 +19,12 @@ NEXFORT = "nexfort"
 AUTO = "auto"
 KNOWN_BACKENDS = (INDUCTOR, ONEFLOW, NEXFORT)
 
+# torch.compile modes. ``AUTO_MODE`` resolves per device (:func:`resolve_mode`): CUDA graphs on CUDA, where a
+# step without them is bound by kernel launches, and inductor's default elsewhere (CUDA graphs need CUDA).
+AUTO_MODE = "auto"
+CUDA_GRAPHS_MODE = "reduce-overhead"
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
 _INSTALL_HINTS = {
     ONEFLOW: "install OneFlow for your CUDA version (see https://github.com/siliconflow/onediff#installation)",
     NEXFORT: "install nexfort (needs CUDA and torch <= 2.5.1; see onediff's README)",
@@ -52,6 +58,21 @@ class CompileOptions:
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_mode(mode: Optional[str], device: Any) -> Optional[str]:
+    """The concrete torch.compile mode for ``mode`` on ``device``: ``auto`` is :data:`CUDA_GRAPHS_MODE` on CUDA
+    and None (inductor's default) elsewhere; ``"default"`` and ``""`` are None; any other mode is kept."""
+    if mode in (None, "", "default"):
+        return None
+    if mode == AUTO_MODE:
+        return CUDA_GRAPHS_MODE if torch.device(device).type == "cuda" else None
+    return mode
+
+
+def uses_cuda_graphs(mode: Optional[str], device: Any) -> bool:
+    """Whether a graph compiled with the resolved ``mode`` on ``device`` replays CUDA graphs."""
+    return torch.device(device).type == "cuda" and mode in CUDA_GRAPH_MODES
 
 
 def _inductor_backend(torch_module, *, options: Optional[Dict[str, Any]] = None):
