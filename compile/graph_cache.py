@@ -8,6 +8,13 @@ one and binds through :class:`compile.quantization.Int8Binding` (re-quantized in
 
 With a :class:`compile.persistent_cache.PersistentCache` the compiled code also outlives the process: a graph
 whose key was compiled in an earlier run loads torch's cached kernels on its first call instead of compiling.
+
+CUDA graphs (the ``auto`` compile mode on CUDA, see :func:`compile.backends.resolve_mode`): a replay writes its
+output into memory the next replay reuses, while samplers keep UNet outputs across calls (CFG, multistep
+history). :class:`CompiledUNet` therefore starts every call as a new CUDA-graph step and returns a copy of the
+output, which stays valid for as long as the caller holds it. Weights are only ever written in place (bind,
+LoRA), so the captured addresses stay valid; if the module is moved anyway (``--medvram``), torch re-records
+rather than replaying stale addresses, and the entry counts it in ``moves_after_capture``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import threading
 import time
 import weakref
@@ -22,7 +30,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .backends import AUTO, CompileOptions, compile_module, resolve_backend
+from .backends import AUTO, CompileOptions, compile_module, resolve_backend, resolve_mode, uses_cuda_graphs
 from .counters import RecompileLimitWatcher, compiled_graph_count
 from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
@@ -91,9 +99,15 @@ class CompiledUNet(torch.nn.Module):
         entry = self.entry
         graphs_before = compiled_graph_count()
         first_call = entry.compile_s is None
+        memory_before = _reserved_bytes(entry.key.device)
         start = time.perf_counter()
+        if entry.cuda_graphs:
+            entry.note_placement()
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs were copied out
         with entry.stored.activated() if entry.stored is not None else contextlib.nullcontext():
             output = self.graph(*args, **kwargs)
+        if entry.cuda_graphs:
+            output = copy_out_of_graph_memory(output)
         new_graphs = compiled_graph_count() - graphs_before
         if first_call:
             if torch.cuda.is_available():
@@ -103,6 +117,7 @@ class CompiledUNet(torch.nn.Module):
         else:
             entry.recompiles += new_graphs
         entry.calls += 1
+        entry.memory_growth_bytes += max(0, _reserved_bytes(entry.key.device) - memory_before)
         if entry.stored is not None and (first_call or new_graphs):
             entry.stored.save(entry.compile_s)  # record what inductor wrote, so the next process can load it
         return output
@@ -112,6 +127,19 @@ class CompiledUNet(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["eager"], name)
+
+
+def copy_out_of_graph_memory(output: Any) -> Any:
+    """``output`` with every tensor copied into ordinary memory (tuples, dicts and diffusers' outputs kept).
+
+    A CUDA-graph replay returns tensors in the graph's private pool, which the next replay overwrites; the
+    copy is one device-to-device copy of the (small) UNet output per call."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, output)
+
+
+def _reserved_bytes(device: str) -> int:
+    """Device memory held by torch's allocator (CUDA-graph pools included); 0 off CUDA."""
+    return torch.cuda.memory_reserved(device) if device.startswith("cuda") else 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -131,6 +159,24 @@ class GraphEntry:
     reuses: int = 0
     unet: Optional[CompiledUNet] = None
     stored: Optional[StoredGraph] = None  # its persistent cache entry, when the GraphCache has one
+    memory_growth_bytes: int = 0  # device memory the allocator reserved during its calls (kernels, graph pools)
+    moves_after_capture: int = 0  # calls that found the captured weights moved (torch re-records the graph)
+    _placement: Optional[tuple] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether calls replay CUDA graphs (the resolved compile mode captures them on a CUDA device)."""
+        return uses_cuda_graphs(self.key.options.mode, self.key.device)
+
+    def note_placement(self) -> None:
+        """Count calls that find the captured weights at new addresses (a module moved between devices, as
+        ``--medvram`` does): torch re-records the CUDA graph then, which costs time and graph-pool memory.
+        One pointer stands for all of them: moving a module re-allocates every tensor."""
+        first = next(self.module.parameters())
+        placement = (first.device, first.data_ptr())
+        if self._placement is not None and placement != self._placement:
+            self.moves_after_capture += 1
+        self._placement = placement
 
     @property
     def cache_hit(self) -> Optional[bool]:
@@ -164,6 +210,9 @@ class GraphEntry:
             "cache_hit": self.cache_hit,
             "cache_problem": self.cache_problem,
             "expected_s": self.expected_s,
+            "cuda_graphs": self.cuda_graphs,
+            "memory_growth_mb": round(self.memory_growth_bytes / 2**20, 1),
+            "moves_after_capture": self.moves_after_capture,
             **self.binding.describe(),
         }
 
@@ -208,9 +257,12 @@ class GraphCache:
         self.recompile_limit_watcher = RecompileLimitWatcher.install()
 
     def key_for(self, module: torch.nn.Module, backend: str = AUTO, options: Optional[CompileOptions] = None):
+        """The cache key of ``module``; the compile mode in it is resolved for the module's device (``auto``)."""
         signature = structure_signature(module)
         device, dtype = _device_and_dtype(module)
-        key = GraphKey(signature.digest, resolve_backend(backend), options or CompileOptions(), device, dtype)
+        options = options or CompileOptions()
+        options = dataclasses.replace(options, mode=resolve_mode(options.mode, device))
+        key = GraphKey(signature.digest, resolve_backend(backend), options, device, dtype)
         return key, signature
 
     def get(
@@ -234,17 +286,30 @@ class GraphCache:
             entry.unet = CompiledUNet(entry)
             self._entries[key] = entry
             self.compiles += 1
-            while len(self._entries) > self.max_graphs:
-                self._entries.popitem(last=False)
-                self.evictions += 1
+            self._evict_beyond(self.max_graphs)
             return Lookup(entry.unet, entry, False, 0.0, 0)
+
+    def _evict_beyond(self, max_graphs: int) -> None:
+        """Drop least recently used entries beyond ``max_graphs``; their graph, module and (on CUDA) cached
+        device memory are released now rather than at some later garbage collection."""
+        evicted = []
+        while len(self._entries) > max_graphs:
+            evicted.append(self._entries.popitem(last=False)[1])
+            self.evictions += 1
+        if not evicted:
+            return
+        on_cuda = any(entry.key.device.startswith("cuda") for entry in evicted)
+        del evicted
+        gc.collect()  # an entry and its CompiledUNet refer to each other
+        if on_cuda:
+            torch.cuda.empty_cache()
 
     def entries(self) -> List[GraphEntry]:
         return list(self._entries.values())
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            self._evict_beyond(0)
 
     def status(self) -> Dict[str, Any]:
         """Everything a status page needs, JSON-able."""
