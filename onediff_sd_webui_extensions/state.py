@@ -17,7 +17,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from compile import AUTO, KNOWN_BACKENDS, CompileOptions, GraphCache, available_backends, compiled_graph_count
+from compile import (
+    AUTO,
+    AUTO_MODE,
+    KNOWN_BACKENDS,
+    CompileOptions,
+    GraphCache,
+    available_backends,
+    compiled_graph_count,
+)
 
 # Settings keys in A1111's shared.opts (section "OneDiff").
 OPTION_BACKEND = "onediff_backend"
@@ -30,7 +38,9 @@ OPTION_CLEAR_CACHE = "onediff_clear_compile_cache"
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "compile_cache")
 
 BACKEND_CHOICES = [AUTO, *KNOWN_BACKENDS]
-COMPILE_MODE_CHOICES = ["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
+# "auto": CUDA graphs on CUDA, inductor's default elsewhere; "default": inductor's default everywhere (the
+# behaviour before CUDA graphs were the default).
+COMPILE_MODE_CHOICES = [AUTO_MODE, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 
 _TRUE_STRINGS = {"1", "true", "yes", "on"}
 _FALSE_STRINGS = {"", "0", "false", "no", "off", "none", "null"}
@@ -81,14 +91,18 @@ class Settings:
     """The user's choices from the "OneDiff" settings section, read at the start of every job."""
 
     backend: str = AUTO
-    compile_mode: str = "default"
+    compile_mode: str = AUTO_MODE
     dynamic: bool = False  # see README: inductor on CPU cannot lower ldm's 1x1 convs with symbolic sizes
     cache_dir: str = DEFAULT_CACHE_DIR
     max_graphs: int = 2
 
-    def compile_options(self, quantization: str = "") -> CompileOptions:
-        mode = None if self.compile_mode in ("", "default") else self.compile_mode
-        return CompileOptions(mode=mode, dynamic=self.dynamic, quantization=quantization)
+    def compile_options(self, quantization: str = "", unet_moves: bool = False) -> CompileOptions:
+        """The options of this job's graph. ``unet_moves``: the webui moves the UNet between devices during a
+        job (``--medvram``); ``auto`` then stays without CUDA graphs, which would re-record after every move."""
+        mode = self.compile_mode or AUTO_MODE
+        if mode == AUTO_MODE and unet_moves:
+            mode = "default"
+        return CompileOptions(mode=None if mode == "default" else mode, dynamic=self.dynamic, quantization=quantization)
 
 
 @dataclasses.dataclass
@@ -103,6 +117,7 @@ class JobRecord:
     from_compile_cache: bool = False  # a new graph loaded from the persistent compile cache
     compile_s: Optional[float] = None  # the first call of a new graph in this job (compiling or loading it)
     quantization: str = ""
+    cuda_graphs: bool = False
     bind_ms: float = 0.0
     new_graphs: int = 0
     recompile_limit_hit: bool = False
@@ -115,7 +130,7 @@ class JobRecord:
             return "eager (" + "; ".join(self.notices or ["not accelerated"]) + ")"
         verb = "reused" if self.reused else "loaded" if self.from_compile_cache else "compiled"
         took = f" in {self.compile_s:.1f} s" if self.compile_s is not None and not self.reused else ""
-        parts = [self.backend, f"{verb} {self.graph}{took}"]
+        parts = [self.backend, *(["CUDA graphs"] if self.cuda_graphs else []), f"{verb} {self.graph}{took}"]
         if self.quantization:
             parts.append(f"{self.quantization} quantized")
         if self.new_graphs:
@@ -188,8 +203,17 @@ class OneDiffState:
             "last_lora_fuse_ms": None if self.last_lora is None else round(self.last_lora["apply_ms"], 3),
             "last_lora": self.last_lora,
             "lora_applications": self.lora_applications,
+            "device_memory_mb": _device_memory_mb(),
             "torch": torch.__version__,
         }
+
+
+def _device_memory_mb() -> Optional[Dict[str, float]]:
+    """torch's CUDA allocator totals (compiled graphs' pools included), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return {"allocated": round(torch.cuda.memory_allocated() / 2**20, 1),
+            "reserved": round(torch.cuda.memory_reserved() / 2**20, 1)}
 
 
 def _dynamo_recompile_limit() -> int:

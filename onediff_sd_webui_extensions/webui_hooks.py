@@ -158,8 +158,9 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
         else:
             quantization = "int8"
     lookup = None
+    unet_moves = bool(getattr(sd_model, "lowvram", False))  # set by A1111 for --medvram (and --lowvram)
     if reason is None:
-        options = settings.compile_options(quantization)
+        options = settings.compile_options(quantization, unet_moves=unet_moves)
         try:
             lookup = STATE.cache.get(eager_unet, settings.backend, options)
         except BackendUnavailable as error:
@@ -181,6 +182,7 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     job.backend = lookup.entry.key.backend
     job.graph = lookup.entry.signature.short()
     job.quantization = quantization
+    job.cuda_graphs = lookup.entry.cuda_graphs
     job.reused = lookup.reused if job.reused is None else job.reused
     job.from_compile_cache = job.from_compile_cache or (not lookup.reused and bool(lookup.entry.cache_hit))
     job.bind_ms += lookup.bind_ms
@@ -188,6 +190,7 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     if first_call:
         announce_first_call(lookup.entry)
     graphs_before = compiled_graph_count()
+    moves_before = lookup.entry.moves_after_capture
     limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
     wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key,
                                               lookup.entry.binding)
@@ -202,6 +205,8 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
         if len(STATE.cache.recompile_limit_watcher.messages) > limit_hits_before:
             job.recompile_limit_hit = True
             job.notices.append("dynamo hit its recompile limit: part of this job ran eagerly (see the status route)")
+        if lookup.entry.moves_after_capture > moves_before:
+            job.notices.append("CUDA graphs re-recorded after the UNet moved (--medvram; compile mode auto avoids it)")
         p.extra_generation_params[INFO_KEY] = job.info_text()
 
 
@@ -267,7 +272,8 @@ def on_ui_settings():
             {"choices": BACKEND_CHOICES}, section=section,
         ),
         OPTION_COMPILE_MODE: shared.OptionInfo(
-            "default", "Compile mode", gr.Dropdown, {"choices": COMPILE_MODE_CHOICES}, section=section,
+            "auto", "Compile mode (auto: CUDA graphs on a CUDA GPU, except with --medvram; default: never CUDA graphs)",
+            gr.Dropdown, {"choices": COMPILE_MODE_CHOICES}, section=section,
         ),
         OPTION_DYNAMIC: shared.OptionInfo(
             False, "Dynamic shapes (one graph for all sizes; off: one graph per size, up to dynamo's recompile limit)",
