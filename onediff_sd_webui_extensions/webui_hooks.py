@@ -70,6 +70,9 @@ def read_settings() -> Settings:
     )
 
 
+_NOT_APPLIED_YET = object()  # equal to no networks fingerprint: the first call of a job always applies
+
+
 class GuardedUNet(torch.nn.Module):
     """Stands in for the eager UNet during a job: calls the compiled UNet, and if that raises, logs why, marks
     the graph as failed and finishes the job with the eager UNet (same inputs, so no step is lost).
@@ -90,8 +93,15 @@ class GuardedUNet(torch.nn.Module):
         object.__setattr__(self, "graph_key", graph_key)
         object.__setattr__(self, "binding", binding)
         self.failed = False
+        self.lora_fingerprint: Any = _NOT_APPLIED_YET
 
     def _apply_lora(self) -> None:
+        # The first call of the job applies; later calls only when the loaded networks changed (hires fix may
+        # activate others). Walking every LoRA-able layer again cost 0.4 ms (SD1.5) / 1.1 ms (SDXL) per step.
+        fingerprint = a1111_lora.networks_fingerprint()
+        if fingerprint == self.lora_fingerprint:
+            return
+        self.lora_fingerprint = fingerprint
         options: CompileOptions = self.graph_key.options
         if options.quantization:
             # An int8 graph has its own int8 copy: fuse into the float eager UNet, then bind the copy to it, which

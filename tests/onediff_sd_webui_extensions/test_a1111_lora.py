@@ -281,3 +281,18 @@ def test_graph_traced_inside_original_forwards_never_sees_the_patches(lora_exten
             assert lora_extension.patched_calls == calls_before
             assert torch.allclose(got, expected, atol=1e-6)
     assert counted.new_graphs == 1  # the first trace, nothing after
+
+
+def test_networks_fingerprint_changes_with_what_the_extension_compares(lora_extension):
+    from onediff_sd_webui_extensions.a1111_lora import networks_fingerprint
+
+    unet = build_preset("tiny")
+    name_modules(unet)
+    assert networks_fingerprint(lora_extension) == ()
+    network = random_network(unet, "a", 1.0, seed=0)
+    lora_extension.loaded_networks[:] = [network]
+    applied = networks_fingerprint(lora_extension)
+    assert applied != ()
+    network.unet_multiplier = 0.5  # a reweight must apply again
+    assert networks_fingerprint(lora_extension) != applied
+    assert networks_fingerprint(types.SimpleNamespace()) == ()  # extension without loaded_networks yet
