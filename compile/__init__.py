@@ -17,7 +17,7 @@ from .backends import (
     resolve_mode,
     uses_cuda_graphs,
 )
-from .counters import RecompileLimitWatcher, compiled_graph_count, count_new_graphs
+from .counters import RecompileLimitWatcher, compiled_graph_count, count_new_graphs, graph_break_count
 from .graph_cache import CompiledUNet, GraphCache, GraphEntry, GraphKey, Lookup
 from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature

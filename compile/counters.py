@@ -20,6 +20,14 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def graph_break_count() -> int:
+    """Graph breaks dynamo has met in this process so far: each splits a compiled function into pieces with
+    Python between them (slower, and a CUDA graph per piece)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
 class _Count:
     def __init__(self) -> None:
         self.new_graphs = 0

@@ -25,6 +25,7 @@ from compile import (
     GraphCache,
     available_backends,
     compiled_graph_count,
+    graph_break_count,
 )
 
 # Settings keys in A1111's shared.opts (section "OneDiff").
@@ -120,6 +121,8 @@ class JobRecord:
     cuda_graphs: bool = False
     bind_ms: float = 0.0
     new_graphs: int = 0
+    graph_breaks: int = 0  # the compiled UNet runs in pieces: a host or user setting dynamo cannot trace
+    attention_replaced: str = ""  # the webui's attention forward the graph was traced without (a1111_attention)
     recompile_limit_hit: bool = False
     notices: List[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
@@ -135,6 +138,10 @@ class JobRecord:
             parts.append(f"{self.quantization} quantized")
         if self.new_graphs:
             parts.append(f"{self.new_graphs} new graph(s)")
+        if self.graph_breaks:
+            parts.append(f"{self.graph_breaks} graph break(s)")
+        if self.attention_replaced:
+            parts.append(f"sdp attention (for {self.attention_replaced})")
         parts.extend(self.notices)
         return ", ".join(parts)
 
@@ -193,6 +200,7 @@ class OneDiffState:
             "recompile_limit_hits": cache["recompile_limit_hits"],
             "persistent_cache": cache["persistent_cache"],
             "dynamo_graphs_total": compiled_graph_count(),
+            "dynamo_graph_breaks_total": graph_break_count(),
             "dynamo_recompile_limit": self.dynamo_recompile_limit or _dynamo_recompile_limit(),
             "jobs": self.jobs,
             "accelerated_jobs": self.accelerated_jobs,

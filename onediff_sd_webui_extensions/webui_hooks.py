@@ -26,11 +26,11 @@ from typing import Any, Optional
 import gradio as gr
 import torch
 
-from compile import BackendUnavailable, CompileOptions, compiled_graph_count
+from compile import BackendUnavailable, CompileOptions, compiled_graph_count, graph_break_count
 from compile.persistent_cache import PersistentCache
 from modules import devices, processing, sd_unet, shared
 
-from . import a1111_lora
+from . import a1111_attention, a1111_lora
 from .state import (
     BACKEND_CHOICES,
     COMPILE_MODE_CHOICES,
@@ -122,7 +122,9 @@ class GuardedUNet(torch.nn.Module):
         if not self.failed:
             try:
                 self._apply_lora()
-                with a1111_lora.original_forwards():
+                attention = a1111_attention.traceable_attention(devices.device.type)
+                with a1111_lora.original_forwards(), attention as replaced:
+                    self.job.attention_replaced = self.job.attention_replaced or replaced or ""
                     return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 (any failure of the compiled path must not lose the job)
                 self.failed = True
@@ -199,7 +201,7 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     first_call = lookup.entry.compile_s is None
     if first_call:
         announce_first_call(lookup.entry)
-    graphs_before = compiled_graph_count()
+    graphs_before, breaks_before = compiled_graph_count(), graph_break_count()
     moves_before = lookup.entry.moves_after_capture
     limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
     wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key,
@@ -212,6 +214,7 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
             job.compile_s = lookup.entry.compile_s
             print(f"OneDiff: graph {job.graph} ready in {job.compile_s:.1f} s", flush=True)
         job.new_graphs += compiled_graph_count() - graphs_before
+        job.graph_breaks += graph_break_count() - breaks_before
         if len(STATE.cache.recompile_limit_watcher.messages) > limit_hits_before:
             job.recompile_limit_hit = True
             job.notices.append("dynamo hit its recompile limit: part of this job ran eagerly (see the status route)")

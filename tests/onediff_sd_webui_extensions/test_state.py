@@ -51,6 +51,10 @@ def test_job_info_says_whether_the_job_was_accelerated():
     graphed = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=True,
                         cuda_graphs=True)
     assert graphed.info_text() == "inductor, CUDA graphs, reused UNetModel:abc"
+    pieces = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=True,
+                       graph_breaks=2, attention_replaced="split_cross_attention_forward")
+    assert pieces.info_text() == ("inductor, reused UNetModel:abc, 2 graph break(s), "
+                                  "sdp attention (for split_cross_attention_forward)")
 
 
 def test_compile_cache_defaults_to_a_folder_inside_the_extension():
