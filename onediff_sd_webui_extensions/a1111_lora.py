@@ -106,9 +106,12 @@ _LORA_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, Tuple[Any, list]]" = 
 
 
 def _lora_modules_with_captured(unet: torch.nn.Module, captured: torch.nn.Module):
+    """(name, module, captured module) of every module of a patched type; whether the extension named it is
+    read at each call (names are assigned when a model loads, possibly after this list was made)."""
     cached = _LORA_MODULES.get(unet)
     if cached is None or cached[0]() is not captured:
-        pairs = [(name, module, captured.get_submodule(name)) for name, module in unet_lora_modules(unet)]
+        pairs = [(name, module, captured.get_submodule(name)) for name, module in unet.named_modules()
+                 if isinstance(module, HANDLED_MODULE_TYPES)]
         cached = _LORA_MODULES[unet] = (weakref.ref(captured), pairs)
     return cached[1]
 
@@ -142,8 +145,11 @@ def apply_networks_to_unet(unet: torch.nn.Module, captured: Optional[torch.nn.Mo
     wanted_layers = _layers_named_by(networks)
     written = []
     for name, module, captured_module in _lora_modules_with_captured(unet, captured):
+        layer_name = getattr(module, "network_layer_name", None)
+        if layer_name is None:
+            continue
         before = getattr(module, "network_current_names", ())
-        if wanted_layers is not None and before == () and module.network_layer_name not in wanted_layers:
+        if wanted_layers is not None and before == () and layer_name not in wanted_layers:
             continue
         slots = list(_tensor_slots(module, captured_module))  # before the extension may replace a tensor
         networks.network_apply_weights(module)

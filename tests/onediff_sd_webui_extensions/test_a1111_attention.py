@@ -5,6 +5,7 @@ stand-in for sdp-no-mem enters ``torch.backends.cuda.sdp_kernel`` as A1111's doe
 with dynamo's own counters. The real webui is exercised by the integration tests.
 """
 
+import itertools
 import types
 import warnings
 
@@ -78,6 +79,18 @@ class Blocks(torch.nn.Module):
         return x
 
 
+_compiles = itertools.count()
+
+
+def compile_fresh(model):
+    """``torch.compile(model)`` with a forward of its own code object: dynamo caches per code object and does not
+    guard on a class's ``forward``, so each compile here traces anew without resetting dynamo (which would make
+    the session's shared graphs compile again)."""
+    code = Blocks.forward.__code__.replace(co_name=f"forward_{next(_compiles)}")
+    model.forward = types.MethodType(types.FunctionType(code, Blocks.forward.__globals__), model)
+    return torch.compile(model)
+
+
 @pytest.fixture
 def attention_module():
     """A stand-in for ``ldm.modules.attention`` whose CrossAttention has A1111's selected forward."""
@@ -101,15 +114,13 @@ def test_compiled_calls_trace_one_graph_and_match_eager(attention_module, select
     with torch.no_grad():
         eager = model(x)
 
-        torch._dynamo.reset()
         breaks = graph_break_count()
-        torch.compile(model)(x)
+        compile_fresh(model)(x)
         assert graph_break_count() > breaks, "the stand-in must break the graph, or this test proves nothing"
 
-        torch._dynamo.reset()
         breaks = graph_break_count()
         with traceable_attention("cpu", OPTIMIZATIONS, [attention_module]) as replaced:
-            compiled = torch.compile(model)(x)
+            compiled = compile_fresh(model)(x)
     assert replaced == untraceable_forward(selected, OPTIMIZATIONS, "cpu")
     assert graph_break_count() == breaks
     assert torch.allclose(compiled, eager, atol=1e-5)
