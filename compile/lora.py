@@ -480,14 +480,16 @@ def apply_lora_reference(unet: torch.nn.Module, state_dicts: Sequence[Tuple[Mapp
                 continue
             prefix = key[: -len(_DOWN) - 1]
             module = modules_by_prefix[prefix]
-            down = state_dict[key].float()
-            up = state_dict[f"{prefix}.{_UP}"].float()
+            device = module.weight.device  # the LoRA file's tensors are on the CPU, the UNet may be on a GPU
+            down = state_dict[key].to(device, torch.float32)
+            up = state_dict[f"{prefix}.{_UP}"].to(device, torch.float32)
             rank = down.shape[0]
             alpha = float(state_dict.get(f"{prefix}.{_ALPHA}", torch.tensor(float(rank))))
             delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape) * (alpha / rank * multiplier)
             weight_deltas[module] = weight_deltas.get(module, 0) + delta
             if f"{prefix}.{_BIAS}" in state_dict:
-                bias_deltas[module] = bias_deltas.get(module, 0) + state_dict[f"{prefix}.{_BIAS}"].float() * multiplier
+                bias = state_dict[f"{prefix}.{_BIAS}"].to(device, torch.float32)
+                bias_deltas[module] = bias_deltas.get(module, 0) + bias * multiplier
     for module, delta in weight_deltas.items():
         module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
     for module, delta in bias_deltas.items():

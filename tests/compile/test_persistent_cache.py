@@ -34,7 +34,7 @@ def _run_child(args, inductor_dir):
 
 def _bench_cache(cache_dir, inductor_dir, seed):
     return _run_child(
-        ["-m", "onediff_sd_webui_extensions.bench_cache", "--cache-dir", str(cache_dir), "--seed", str(seed)],
+        ["-m", "onediff_sd_webui_extensions.bench.cache", "--cache-dir", str(cache_dir), "--seed", str(seed)],
         inductor_dir,
     )
 

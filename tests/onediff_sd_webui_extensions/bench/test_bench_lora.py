@@ -2,7 +2,7 @@
 
 from compile.lora import attention_and_ff_modules
 from compile.weights import data_pointers
-from onediff_sd_webui_extensions.bench_lora import lora_section
+from onediff_sd_webui_extensions.bench.lora import lora_section
 
 
 def test_lora_section_reports_a_fused_lora_without_recompiles(tiny_sd15):

@@ -12,7 +12,7 @@ def test_bench_cli_writes_the_documented_report(tmp_path):
     report_path = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, "-m", "onediff_sd_webui_extensions", "bench", "--warmup", "1", "--repeat", "2",
-         "--json", str(report_path)],
+         "--compare", "--json", str(report_path)],
         cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -21,6 +21,13 @@ def test_bench_cli_writes_the_documented_report(tmp_path):
     assert report["model"] == "preset:tiny" and report["backend"] == "inductor" and report["device"] == "cpu"
     assert report["eager_ms"] > 0 and report["compiled_ms"] > 0 and report["compile_s"] > 0
     assert abs(report["speedup"] - report["eager_ms"] / report["compiled_ms"]) < 0.01
+    assert report["mode"] == "default"  # auto is CUDA graphs on CUDA only
+    assert report["it_s"] == round(1000 / report["compiled_ms"], 2)
+    assert report["peak_memory_mb"] == {"eager": None, "compiled": None}  # torch counts device memory on CUDA only
+    # --compare on a CPU: the modes that run here, from this run's own measurements; CUDA graphs said, not faked
+    assert report["compare"]["eager"] == {"step_ms": report["eager_ms"], "it_s": report["eager_it_s"], "compile_s": None}
+    assert report["compare"]["default"]["step_ms"] == report["compiled_ms"]
+    assert report["compare_skipped"] == {"reduce-overhead": "CUDA graphs need a CUDA device"}
     assert report["max_abs_diff"] <= 1e-4
     same = report["switch"]["same_structure"]
     assert same["reused"] is True and same["new_graphs"] == 0 and same["max_abs_diff"] <= 1e-4

@@ -4,7 +4,7 @@ import pytest
 
 from compile import CompileOptions
 from compile.models import build_preset
-from onediff_sd_webui_extensions.bench_quant import quant_section
+from onediff_sd_webui_extensions.bench.quant import quant_section
 
 
 @pytest.fixture

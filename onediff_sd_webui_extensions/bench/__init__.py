@@ -9,60 +9,20 @@ one of another structure (a 9-channel inpainting variant: never served by that g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import statistics
 import sys
-import threading
-import time
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Dict
 
 import torch
 
-from compile import BackendUnavailable, CompileOptions, count_new_graphs, resolve_backend
+from compile import AUTO_MODE, BackendUnavailable, CompileOptions, count_new_graphs, resolve_backend, resolve_mode
 from compile.models import PRESET_LATENT, PRESETS, build_preset, build_unet, example_inputs, load_checkpoint_unet
-from onediff_sd_webui_extensions.bench_cache import add_cache_argument, cache_section, graph_cache_for
+
+from .cache import add_cache_argument, cache_section, graph_cache_for
+from .compare import compare_modes, mode_name
+from .timing import iterations_per_second, median_ms, peak_memory, progress
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(call: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median wall time of ``call`` in ms, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        call()
-    _synchronize(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        _synchronize(device)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
-
-
-@contextlib.contextmanager
-def progress(label: str, every_s: float = 5.0) -> Iterator[None]:
-    """Print '<label> ... N s' every few seconds while the block runs (compiles are long and silent)."""
-    done = threading.Event()
-    start = time.perf_counter()
-
-    def report() -> None:
-        while not done.wait(every_s):
-            print(f"  {label} ... {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-
-    print(f"  {label} ...", file=sys.stderr, flush=True)
-    thread = threading.Thread(target=report, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,7 +46,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     backend = resolve_backend(args.backend)
-    options = CompileOptions(mode=args.mode)
+    mode = resolve_mode(args.mode, device)
+    options = CompileOptions(mode=mode)
     torch.set_grad_enabled(False)
 
     if args.checkpoint:
@@ -101,28 +62,34 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
         other = build_preset(args.preset, seed=2, dtype=dtype, device=device, in_channels=9)
         latent = args.latent or PRESET_LATENT[args.preset]
     inputs = example_inputs(unet, batch=args.batch, latent=latent)
-    print(f"model {model_name} on {device} ({dtype}), backend {backend}, batch {args.batch}, latent {latent}",
-          file=sys.stderr)
+    print(f"model {model_name} on {device} ({dtype}), backend {backend}, mode {mode_name(mode)}, batch {args.batch}, "
+          f"latent {latent}", file=sys.stderr)
 
-    eager_ms = median_ms(lambda: inputs.call(unet), device, args.warmup, args.repeat)
+    with peak_memory(device) as eager_peak:
+        eager_ms = median_ms(lambda: inputs.call(unet), device, args.warmup, args.repeat)
     eager_output = inputs.call(unet)
 
     cache = graph_cache_for(args.cache_dir)
     lookup = cache.get(unet, backend, options)
-    with progress(f"compiling with {backend} (one time per structure)"):
-        compiled_output = inputs.call(lookup.unet)
+    with peak_memory(device) as compiled_peak:
+        with progress(f"compiling with {backend} (one time per structure)"):
+            compiled_output = inputs.call(lookup.unet)
+        compiled_ms = median_ms(lambda: inputs.call(lookup.unet), device, args.warmup, args.repeat)
     compile_s = lookup.entry.compile_s
     cache_report = cache_section(lookup.entry) if args.cache_dir else None
-    compiled_ms = median_ms(lambda: inputs.call(lookup.unet), device, args.warmup, args.repeat)
+    compare = None
+    if args.compare:
+        compare = compare_modes(unet, inputs, backend, device, warmup=args.warmup, repeat=args.repeat,
+                                measured={"eager": (eager_ms, None), mode_name(mode): (compiled_ms, compile_s)})
     lora = None
     if args.lora:
-        from onediff_sd_webui_extensions.bench_lora import lora_section
+        from .lora import lora_section
 
         with progress("LoRA: fuse, switch, unfuse into the compiled graph", every_s=30.0):
             lora = lora_section(lookup.entry.module, lookup.unet, inputs)
     quant = None
     if args.quant == "int8":
-        from onediff_sd_webui_extensions.bench_quant import quant_section
+        from .quant import quant_section
 
         quant = quant_section(unet, second, inputs, backend, compiled_ms, options=options,
                               warmup=args.warmup, repeat=args.repeat)
@@ -138,12 +105,16 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     report = {
         "model": model_name,
         "backend": backend,
+        "mode": mode_name(mode),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "eager_ms": round(eager_ms, 3),
         "compiled_ms": round(compiled_ms, 3),
         "speedup": round(eager_ms / compiled_ms, 3),
+        "it_s": iterations_per_second(compiled_ms),
+        "eager_it_s": iterations_per_second(eager_ms),
+        "peak_memory_mb": {"eager": eager_peak["mb"], "compiled": compiled_peak["mb"]},
         "compile_s": round(compile_s, 2),
         "max_abs_diff": _max_abs_diff(compiled_output, eager_output),
         "switch": {
@@ -156,6 +127,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
             "other_structure": {"reused": refused.reused},
         },
     }
+    if compare is not None:
+        report["compare"], report["compare_skipped"] = compare
     if cache_report is not None:
         report["cache"] = cache_report
     if lora is not None:
@@ -170,9 +143,9 @@ def format_table(report: Dict[str, Any]) -> str:
     rows = [
         ("model", report["model"]),
         ("device / dtype", f"{report['device']} / {report['dtype']}  (torch {report['torch']})"),
-        ("backend", report["backend"]),
-        ("eager step", f"{report['eager_ms']:.2f} ms"),
-        ("compiled step", f"{report['compiled_ms']:.2f} ms"),
+        ("backend / mode", f"{report['backend']} / {report['mode']}"),
+        ("eager step", f"{report['eager_ms']:.2f} ms ({report['eager_it_s']:.1f} it/s)"),
+        ("compiled step", f"{report['compiled_ms']:.2f} ms ({report['it_s']:.1f} it/s)"),
         ("speed-up", f"{report['speedup']:.2f}x"),
         ("first call (compile)", f"{report['compile_s']:.1f} s"),
         ("compiled vs eager", f"max abs diff {report['max_abs_diff']:.2e}"),
@@ -181,6 +154,14 @@ def format_table(report: Dict[str, Any]) -> str:
         ("switch, other structure", f"reused={report['switch']['other_structure']['reused']} "
                                     "(9-channel inpainting UNet gets its own graph)"),
     ]
+    peak = report["peak_memory_mb"]
+    if peak["compiled"] is not None:
+        rows.append(("peak device memory", f"eager {peak['eager']:.0f} MB, compiled {peak['compiled']:.0f} MB"))
+    for name, timing in report.get("compare", {}).items():
+        compiled = "" if timing["compile_s"] is None else f", compile {timing['compile_s']:.1f} s"
+        rows.append((f"compare: {name}", f"{timing['step_ms']:.2f} ms ({timing['it_s']:.1f} it/s){compiled}"))
+    for name, why in report.get("compare_skipped", {}).items():
+        rows.append((f"compare: {name}", f"not run: {why}"))
     if "lora" in report:
         lora = report["lora"]
         rows += [
@@ -214,7 +195,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random-weight UNet to build (default: tiny, compiles in about a minute on a CPU)")
     source.add_argument("--checkpoint", help="an A1111 .safetensors checkpoint to take the UNet from (offline)")
     parser.add_argument("--backend", default="auto", help="auto, inductor, oneflow or nexfort (default: auto)")
-    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--mode", default=AUTO_MODE,
+                        help="torch.compile mode: auto (CUDA graphs, i.e. reduce-overhead, on CUDA; default elsewhere), "
+                             "default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time every compile mode that runs on the device (default and, on CUDA, "
+                             "reduce-overhead) in this run, side by side with eager")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
                         help="auto: float16 on CUDA, float32 on CPU")

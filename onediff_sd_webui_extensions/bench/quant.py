@@ -15,6 +15,8 @@ import torch
 from compile import CompileOptions, GraphCache, count_new_graphs
 from compile.quantization import INT8, Int8Weights, int8_availability
 
+from .timing import median_ms, progress
+
 
 def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
@@ -51,8 +53,6 @@ def quant_section(
     the same structure for the switch. Neither module is modified. ``cache`` defaults to a cache of its own,
     so that the int8 graph does not evict the bench's float graphs. When int8 cannot run here the section says
     why (``{"unavailable": reason}``) instead of failing the bench."""
-    from .bench import median_ms, progress
-
     device = next(unet.parameters()).device
     reason = int8_availability(device)
     if reason is not None:

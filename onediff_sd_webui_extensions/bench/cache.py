@@ -71,7 +71,7 @@ def run(cache_dir: str, preset: str = "tiny", seed: int = 0, backend: str = "ind
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m onediff_sd_webui_extensions.bench_cache")
+    parser = argparse.ArgumentParser(prog="python -m onediff_sd_webui_extensions.bench.cache")
     add_cache_argument(parser)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0, help="weights of the UNet (same structure for any seed)")
