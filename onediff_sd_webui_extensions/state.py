@@ -28,6 +28,8 @@ from compile import (
     graph_break_count,
 )
 
+SCRIPT_TITLE = "onediff_diffusion_model"  # the Script dropdown entry and the API's script_name
+
 # Settings keys in A1111's shared.opts (section "OneDiff").
 OPTION_BACKEND = "onediff_backend"
 OPTION_COMPILE_MODE = "onediff_compile_mode"
@@ -97,12 +99,8 @@ class Settings:
     cache_dir: str = DEFAULT_CACHE_DIR
     max_graphs: int = 2
 
-    def compile_options(self, quantization: str = "", unet_moves: bool = False) -> CompileOptions:
-        """The options of this job's graph. ``unet_moves``: the webui moves the UNet between devices during a
-        job (``--medvram``); ``auto`` then stays without CUDA graphs, which would re-record after every move."""
+    def compile_options(self, quantization: str = "") -> CompileOptions:
         mode = self.compile_mode or AUTO_MODE
-        if mode == AUTO_MODE and unet_moves:
-            mode = "default"
         return CompileOptions(mode=None if mode == "default" else mode, dynamic=self.dynamic, quantization=quantization)
 
 

@@ -30,7 +30,8 @@ from compile import BackendUnavailable, CompileOptions, compiled_graph_count, gr
 from compile.persistent_cache import PersistentCache
 from modules import devices, processing, sd_unet, shared
 
-from . import a1111_attention, a1111_lora
+from . import a1111_attention, a1111_lora, api_form
+from .unet_swap import EagerUNetView
 from .state import (
     BACKEND_CHOICES,
     COMPILE_MODE_CHOICES,
@@ -41,6 +42,7 @@ from .state import (
     OPTION_COMPILE_MODE,
     OPTION_DYNAMIC,
     OPTION_MAX_GRAPHS,
+    SCRIPT_TITLE,
     STATE,
     JobRecord,
     ScriptArgs,
@@ -73,7 +75,7 @@ def read_settings() -> Settings:
 _NOT_APPLIED_YET = object()  # equal to no networks fingerprint: the first call of a job always applies
 
 
-class GuardedUNet(torch.nn.Module):
+class GuardedUNet(EagerUNetView):
     """Stands in for the eager UNet during a job: calls the compiled UNet, and if that raises, logs why, marks
     the graph as failed and finishes the job with the eager UNet (same inputs, so no step is lost).
 
@@ -81,19 +83,24 @@ class GuardedUNet(torch.nn.Module):
     compiled graph does not run. Before every compiled call the job's networks are applied eagerly into the
     captured weights (a no-op check per layer when nothing changed; hires fix may change them between passes),
     and the call runs with the original forwards so the LoRA state never becomes part of the graph.
+
+    To the rest of the webui it is the eager UNet (:class:`unet_swap.EagerUNetView`): a checkpoint loaded
+    during the job (the refiner) lands in the weights the graph reads, and the next call applies LoRA again,
+    as A1111 resets it on a load.
     """
 
     def __init__(self, compiled: torch.nn.Module, eager: torch.nn.Module, captured: torch.nn.Module,
                  job: JobRecord, graph_key: Any, binding: Any):
-        super().__init__()
-        self.compiled = compiled
-        self.eager = eager
+        super().__init__(eager, compiled)
         object.__setattr__(self, "captured", captured)
         object.__setattr__(self, "job", job)
         object.__setattr__(self, "graph_key", graph_key)
         object.__setattr__(self, "binding", binding)
         self.failed = False
         self.lora_fingerprint: Any = _NOT_APPLIED_YET
+
+    def weights_loaded(self) -> None:
+        self.lora_fingerprint = _NOT_APPLIED_YET  # new weights: LoRA (and an int8 copy) must be applied again
 
     def _apply_lora(self) -> None:
         # The first call of the job applies; later calls only when the loaded networks changed (hires fix may
@@ -112,7 +119,7 @@ class GuardedUNet(torch.nn.Module):
             self.binding.bind(self.eager)
         else:
             report = a1111_lora.apply_networks_to_unet(self.eager, self.captured)
-        if report.updated_modules or report.dropped_biases:
+        if report.networks or report.updated_modules or report.dropped_biases:
             STATE.record_lora(report)
             comment = report.comment()
             if comment and comment not in self.job.notices:
@@ -135,12 +142,6 @@ class GuardedUNet(torch.nn.Module):
                 self.job.accelerated = False
                 self.job.notices.append(reason)
         return self.eager(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["eager"], name)
 
 
 def _eager_reason(sd_model) -> Optional[str]:
@@ -170,9 +171,8 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
         else:
             quantization = "int8"
     lookup = None
-    unet_moves = bool(getattr(sd_model, "lowvram", False))  # set by A1111 for --medvram (and --lowvram)
     if reason is None:
-        options = settings.compile_options(quantization, unet_moves=unet_moves)
+        options = settings.compile_options(quantization)
         try:
             lookup = STATE.cache.get(eager_unet, settings.backend, options)
         except BackendUnavailable as error:
@@ -206,10 +206,14 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
     limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
     wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key,
                                               lookup.entry.binding)
+    checkpoint = sd_model.sd_checkpoint_info
     try:
         yield
     finally:
         wrapper.diffusion_model = eager_unet
+        refiner_note = _model_change_note(p, sd_model, checkpoint)
+        if refiner_note and refiner_note not in job.notices:
+            job.notices.append(refiner_note)
         if first_call and lookup.entry.compile_s is not None:
             job.compile_s = lookup.entry.compile_s
             print(f"OneDiff: graph {job.graph} ready in {job.compile_s:.1f} s", flush=True)
@@ -219,8 +223,17 @@ def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
             job.recompile_limit_hit = True
             job.notices.append("dynamo hit its recompile limit: part of this job ran eagerly (see the status route)")
         if lookup.entry.moves_after_capture > moves_before:
-            job.notices.append("CUDA graphs re-recorded after the UNet moved (--medvram; compile mode auto avoids it)")
+            job.notices.append("CUDA graphs re-recorded: the compiled graph's weights were moved to other addresses")
         p.extra_generation_params[INFO_KEY] = job.info_text()
+
+
+def _model_change_note(p, sd_model, checkpoint) -> Optional[str]:
+    """What the job's info says when the checkpoint changed during sampling (the refiner), else None."""
+    if p.sd_model is not sd_model:  # another model object: its UNet was never swapped
+        return f"refiner {p.sd_model.sd_checkpoint_info.short_title}: eager (another model object)"
+    if sd_model.sd_checkpoint_info != checkpoint:  # loaded in place into the weights the graph reads
+        return f"refiner {sd_model.sd_checkpoint_info.short_title}: compiled"
+    return None
 
 
 def announce_first_call(entry) -> None:
@@ -285,7 +298,7 @@ def on_ui_settings():
             {"choices": BACKEND_CHOICES}, section=section,
         ),
         OPTION_COMPILE_MODE: shared.OptionInfo(
-            "auto", "Compile mode (auto: CUDA graphs on a CUDA GPU, except with --medvram; default: never CUDA graphs)",
+            "auto", "Compile mode (auto: CUDA graphs on a CUDA GPU; default: never CUDA graphs)",
             gr.Dropdown, {"choices": COMPILE_MODE_CHOICES}, section=section,
         ),
         OPTION_DYNAMIC: shared.OptionInfo(
@@ -344,6 +357,8 @@ class _LiveHTML(shared.OptionHTML):
 
 
 def on_app_started(_demo, app):
+    api_form.install(app, SCRIPT_TITLE)
+
     @app.get("/onediff/v1/status")
     def onediff_status():
         return STATE.status()

@@ -17,9 +17,7 @@ import gradio as gr  # noqa: E402
 from modules import script_callbacks, scripts  # noqa: E402
 
 from onediff_sd_webui_extensions import webui_hooks  # noqa: E402
-from onediff_sd_webui_extensions.state import STATE, ScriptArgs  # noqa: E402
-
-TITLE = "onediff_diffusion_model"
+from onediff_sd_webui_extensions.state import SCRIPT_TITLE, STATE, ScriptArgs  # noqa: E402
 
 
 def _status_html() -> str:
@@ -31,7 +29,7 @@ def _status_html() -> str:
 
 class Script(scripts.Script):
     def title(self):
-        return TITLE
+        return SCRIPT_TITLE
 
     def show(self, is_img2img):
         return True  # selectable in both tabs ("script_name" only finds selectable scripts)

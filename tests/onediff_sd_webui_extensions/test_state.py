@@ -28,9 +28,6 @@ def test_unreadable_script_args_name_the_argument_and_the_accepted_forms(args):
 def test_settings_map_to_compile_options():
     assert Settings().compile_options().mode == "auto"  # resolved per device by the graph cache
     assert Settings(compile_mode="default").compile_options().mode is None
-    # --medvram moves the UNet during a job: auto stays without CUDA graphs, an explicit mode is kept
-    assert Settings().compile_options(unet_moves=True).mode is None
-    assert Settings(compile_mode="reduce-overhead").compile_options(unet_moves=True).mode == "reduce-overhead"
     options = Settings(compile_mode="max-autotune-no-cudagraphs", dynamic=True).compile_options("int8")
     assert (options.mode, options.dynamic, options.quantization) == ("max-autotune-no-cudagraphs", True, "int8")
     assert Settings().compile_options() != Settings().compile_options("int8")  # int8 is its own graph
