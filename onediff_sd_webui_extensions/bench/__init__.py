@@ -9,6 +9,7 @@ one of another structure (a 9-channel inpainting variant: never served by that g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any, Dict
@@ -42,6 +43,21 @@ def _perturbed_copy(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
     return other
 
 
+def _webui_unets(args: argparse.Namespace, dtype, device):
+    """The webui's own UNet class for the preset (ldm's or sgm's, from ``--repositories``): the model, a second
+    of the same structure, a 9-channel one, their inputs and a name."""
+    from compile.webui_unets import WEBUI_UNETS, build_webui_unet, webui_unet_inputs
+
+    def build(seed, **overrides):
+        with contextlib.redirect_stdout(sys.stderr):  # sgm prints every block it constructs
+            return build_webui_unet(args.preset, args.repositories, seed=seed, dtype=dtype, device=device, **overrides)
+
+    unet = build(0)
+    inputs = webui_unet_inputs(unet, batch=args.batch, latent=args.latent or PRESET_LATENT[args.preset])
+    package = WEBUI_UNETS[args.preset][0]
+    return unet, build(1), build(2, in_channels=9), inputs, f"webui {package} UNetModel:{args.preset} (SDP attention)"
+
+
 def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -50,7 +66,13 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     options = CompileOptions(mode=mode)
     torch.set_grad_enabled(False)
 
-    if args.checkpoint:
+    if args.repositories:
+        if args.checkpoint or args.lora or args.quant != "none":
+            raise ValueError("--repositories times the webui's UNet classes with random weights: use it with a "
+                             "--preset and --no-lora, without --checkpoint or --quant (they use diffusers' names)")
+        unet, second, other, inputs, model_name = _webui_unets(args, dtype, device)
+        latent = inputs.sample.shape[-1]
+    elif args.checkpoint:
         unet, model_name = load_checkpoint_unet(args.checkpoint, dtype=dtype, device=device)
         second = _perturbed_copy(unet, seed=1)
         latent = args.latent or 64
@@ -61,7 +83,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
         second = build_preset(args.preset, seed=1, dtype=dtype, device=device)
         other = build_preset(args.preset, seed=2, dtype=dtype, device=device, in_channels=9)
         latent = args.latent or PRESET_LATENT[args.preset]
-    inputs = example_inputs(unet, batch=args.batch, latent=latent)
+    if not args.repositories:
+        inputs = example_inputs(unet, batch=args.batch, latent=latent)
     print(f"model {model_name} on {device} ({dtype}), backend {backend}, mode {mode_name(mode)}, batch {args.batch}, "
           f"latent {latent}", file=sys.stderr)
 
@@ -194,6 +217,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="random-weight UNet to build (default: tiny, compiles in about a minute on a CPU)")
     source.add_argument("--checkpoint", help="an A1111 .safetensors checkpoint to take the UNet from (offline)")
+    parser.add_argument("--repositories", metavar="DIR",
+                        help="time the webui's own UNet class for --preset (ldm's for tiny/sd15, sgm's for "
+                             "tiny-sdxl/sdxl; random weights, SDP attention) from DIR, a webui's repositories/ "
+                             "folder; needs einops; with --no-lora")
     parser.add_argument("--backend", default="auto", help="auto, inductor, oneflow or nexfort (default: auto)")
     parser.add_argument("--mode", default=AUTO_MODE,
                         help="torch.compile mode: auto (CUDA graphs, i.e. reduce-overhead, on CUDA; default elsewhere), "

@@ -1,0 +1,35 @@
+"""The webui's own UNet classes (ldm, sgm) through the graph cache, for the bench's --repositories. Their source is
+the webui's: these tests run when WEBUI_DIR points at a webui checkout with its repositories/ folder."""
+
+import os
+
+import pytest
+import torch
+
+from compile import count_new_graphs, graph_break_count
+
+
+@pytest.fixture(scope="module")
+def repositories():
+    webui = os.environ.get("WEBUI_DIR")
+    if not webui:
+        pytest.skip("WEBUI_DIR is not set: the webui's ldm/sgm UNet source comes from its repositories/ folder")
+    pytest.importorskip("einops")
+    return os.path.join(webui, "repositories")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_webui_unet_compiles_whole_and_switches_without_recompiling(graph_cache, repositories, preset):
+    from compile.webui_unets import build_webui_unet, webui_unet_inputs
+
+    unet, second = build_webui_unet(preset, repositories, seed=0), build_webui_unet(preset, repositories, seed=1)
+    inputs = webui_unet_inputs(unet, latent=16)
+    eager, second_eager = inputs.call(unet), inputs.call(second)
+    breaks = graph_break_count()
+    compiled = inputs.call(graph_cache.get(unet, "inductor").unet)
+    assert graph_break_count() == breaks, "the SDP attention must trace into one graph"
+    assert (compiled - eager).abs().max().item() <= 1e-4
+    with count_new_graphs() as counted:
+        switched = inputs.call(graph_cache.get(second, "inductor").unet)
+    assert counted.new_graphs == 0 and (switched - second_eager).abs().max().item() <= 1e-4
+    assert (second_eager - eager).abs().max().item() > 1e-2  # the second model's weights really differ
