@@ -147,6 +147,8 @@ class GuardedUNet(EagerUNetView):
 def _eager_reason(sd_model) -> Optional[str]:
     if shared.cmd_opts.lowvram:
         return "--lowvram moves UNet blocks during the forward, which a compiled graph cannot follow"
+    if getattr(sd_model, "lowvram", False):  # A1111 sets it for --medvram (and --medvram-sdxl on SDXL)
+        return "--medvram moves the UNet between CPU and GPU around each use; not supported yet"
     if sd_unet.current_unet is not None:
         return f"another SD Unet is active ({sd_unet.current_unet_option.label})"
     if isinstance(sd_model.model.diffusion_model, GuardedUNet):
