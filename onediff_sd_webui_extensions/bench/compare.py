@@ -24,7 +24,7 @@ def mode_name(mode: Optional[str]) -> str:
 
 
 def _timing(step_ms: float, compile_s: Optional[float]) -> Dict[str, Any]:
-    return {"step_ms": round(step_ms, 3), "it_s": iterations_per_second(step_ms),
+    return {"step_ms": step_ms, "it_s": iterations_per_second(step_ms),
             "compile_s": None if compile_s is None else round(compile_s, 2)}
 
 

@@ -91,7 +91,7 @@ def quant_section(
         "mode": weights.mode,
         "quantized_layers": len(weights.layers),
         "compile_s": round(lookup.entry.compile_s, 2),
-        "compiled_ms": round(compiled_ms, 3),
+        "compiled_ms": compiled_ms,
         "speedup_vs_float_compiled": round(float_compiled_ms / compiled_ms, 3),
         "max_rel_err": _relative_error(output, reference),
         "weight_mb_float": round(memory["float"], 3),
