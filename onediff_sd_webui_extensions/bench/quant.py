@@ -8,7 +8,7 @@ torch's own dynamo counters and must be 0.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
@@ -34,6 +34,18 @@ def random_lora_deltas(weights: Int8Weights, rank: int = 16, strength: float = 0
         delta = torch.randn(out_features, rank, generator=generator) @ torch.randn(rank, in_features, generator=generator)
         deltas[name] = delta * (strength * layer.master.float().std() / delta.std())
     return deltas
+
+
+@torch.no_grad()
+def with_deltas(unet: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``unet`` with each delta added to the weight of the Linear it names: the float reference for
+    the int8 graph's LoRA. The deltas are made on the CPU in float32 (:func:`random_lora_deltas`, from the CPU
+    masters); each goes to its weight's device and dtype, which on a GPU are not the CPU's."""
+    patched = copy.deepcopy(unet)
+    for name, delta in deltas.items():
+        weight = patched.get_submodule(name).weight
+        weight.add_(delta.to(weight.device, weight.dtype))
+    return patched
 
 
 @torch.no_grad()
@@ -69,11 +81,7 @@ def quant_section(
     memory = weights.memory_mb()
 
     deltas = random_lora_deltas(weights)
-    float_with_lora = copy.deepcopy(unet)
-    for name, delta in deltas.items():
-        float_with_lora.get_submodule(name).weight.add_(delta.to(device, float_with_lora.dtype))
-    lora_reference = inputs.call(float_with_lora)
-    del float_with_lora
+    lora_reference = inputs.call(with_deltas(unet, deltas))
     saved = weights.int8_snapshot()
     with count_new_graphs() as lora_graphs:
         weights.fuse_deltas(deltas)
