@@ -19,3 +19,44 @@ def test_peak_memory_is_none_off_cuda():
     with peak_memory(torch.device("cpu")) as peak:
         torch.ones(1000)
     assert peak == {"mb": None}
+
+
+class _FakeCudaEvent:
+    """Stands in for ``torch.cuda.Event``: each (start, end) pair reports the next of ``GPU_MS`` as its time."""
+
+    GPU_MS = iter(())
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing, "an event without timing cannot measure"
+        self.recorded = False
+
+    def record(self):
+        self.recorded = True
+
+    def synchronize(self):
+        assert self.recorded
+
+    def elapsed_time(self, end):
+        assert self.recorded and end.recorded
+        return next(self.GPU_MS)
+
+
+def test_on_cuda_steps_are_timed_by_cuda_events_not_wall_time(monkeypatch):
+    synchronized = []
+    monkeypatch.setattr(_FakeCudaEvent, "GPU_MS", iter([5.0, 1.0, 3.0]))
+    monkeypatch.setattr(torch.cuda, "Event", _FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronized.append)
+    cuda = torch.device("cuda")
+    # The call takes 30 ms of wall time; the GPU's own time (the events) is what counts.
+    assert median_ms(lambda: time.sleep(0.03), cuda, warmup=1, repeat=3) == 3.0
+    assert synchronized == [cuda]  # warm-up work finished before the first event
+
+
+def test_on_cuda_peak_memory_is_reset_before_and_read_after_the_block(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 1536 * 2**20)
+    with peak_memory(torch.device("cuda")) as peak:
+        calls.append("block")
+    assert calls == ["sync", "reset", "block", "sync"] and peak == {"mb": 1536.0}
