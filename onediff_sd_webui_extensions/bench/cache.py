@@ -1,9 +1,9 @@
 """Bench section "cache": does a second process with the same ``--cache-dir`` load the graph instead of compiling?
 
-For ``bench.py``: :func:`add_cache_argument` adds ``--cache-dir``, :func:`graph_cache_for` gives the graph cache
+For the bench: :func:`add_cache_argument` adds ``--cache-dir``, :func:`graph_cache_for` gives the graph cache
 backed by that folder, and :func:`cache_section` turns the compiled entry into the report's section; run the
 bench twice with the same folder and the second report says ``"cache": {"hit": true, "compile_s": ...}``.
-``python -m onediff_sd_webui_extensions.bench_cache --cache-dir DIR`` does the same for one preset on its own
+``python -m onediff_sd_webui_extensions.bench.cache --cache-dir DIR`` does the same for one preset on its own
 (compile or load, first call, compare with eager) and prints the section as JSON.
 """
 
