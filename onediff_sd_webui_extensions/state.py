@@ -160,6 +160,9 @@ class OneDiffState:
         self.last_lora: Optional[Dict[str, Any]] = None  # a1111_lora.LoraApplyReport.as_dict() of the last change
         self.lora_applications = 0
         self.dynamo_recompile_limit: Optional[int] = None  # as set for the last job (a per-context torch setting)
+        # webui_hooks.CompiledSampling of the p.sample call running now (the webui runs one job at a time): the
+        # denoiser's per-step callback hands it the model the webui switched to (the refiner)
+        self.active_sampling: Any = None
 
     def apply_settings(self, settings: Settings) -> None:
         self.settings = settings

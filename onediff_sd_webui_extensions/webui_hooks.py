@@ -17,11 +17,11 @@ selected we stay eager.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import html
 import logging
 import traceback
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import gradio as gr
 import torch
@@ -85,22 +85,24 @@ class GuardedUNet(EagerUNetView):
     and the call runs with the original forwards so the LoRA state never becomes part of the graph.
 
     To the rest of the webui it is the eager UNet (:class:`unet_swap.EagerUNetView`): a checkpoint loaded
-    during the job (the refiner) lands in the weights the graph reads, and the next call applies LoRA again,
-    as A1111 resets it on a load.
+    during the job (a refiner of the same config) is bound to the graph before the next call, and LoRA is
+    applied again, as A1111 resets it on a load.
     """
 
     def __init__(self, compiled: torch.nn.Module, eager: torch.nn.Module, captured: torch.nn.Module,
                  job: JobRecord, graph_key: Any, binding: Any):
-        super().__init__(eager, compiled)
+        super().__init__(eager, compiled, binding)
         object.__setattr__(self, "captured", captured)
         object.__setattr__(self, "job", job)
         object.__setattr__(self, "graph_key", graph_key)
-        object.__setattr__(self, "binding", binding)
         self.failed = False
         self.lora_fingerprint: Any = _NOT_APPLIED_YET
 
-    def weights_loaded(self) -> None:
-        self.lora_fingerprint = _NOT_APPLIED_YET  # new weights: LoRA (and an int8 copy) must be applied again
+    def _bind_pending_weights(self) -> None:
+        report = self.bind_pending_weights()
+        if report is not None:
+            self.job.bind_ms += report.bind_ms
+            self.lora_fingerprint = _NOT_APPLIED_YET  # new weights (a load also resets A1111's LoRA state): apply again
 
     def _apply_lora(self) -> None:
         # The first call of the job applies; later calls only when the loaded networks changed (hires fix may
@@ -128,6 +130,7 @@ class GuardedUNet(EagerUNetView):
     def forward(self, *args, **kwargs):
         if not self.failed:
             try:
+                self._bind_pending_weights()
                 self._apply_lora()
                 attention = a1111_attention.traceable_attention(devices.device.type)
                 with a1111_lora.original_forwards(), attention as replaced:
@@ -156,86 +159,154 @@ def _eager_reason(sd_model) -> Optional[str]:
     return None
 
 
-@contextlib.contextmanager
-def compiled_unet_swapped_in(p, job: JobRecord, script_args: ScriptArgs):
-    """Put a compiled UNet into ``p.sd_model`` for the block, and the eager one back afterwards."""
-    sd_model = p.sd_model
-    wrapper = sd_model.model
-    eager_unet = wrapper.diffusion_model
-    settings = STATE.settings
+@dataclasses.dataclass
+class _Swap:
+    """One model whose UNet a :class:`CompiledSampling` swapped: what to put back, and the graph's counters
+    before the swap (for the job's info)."""
 
-    reason = _eager_reason(sd_model)
-    quantization = ""
-    if reason is None and script_args.quantization:
-        missing = quantization_available()
-        if missing:
-            job.notices.append(f"int8 requested but {missing}; compiled without it")
-        else:
-            quantization = "int8"
-    lookup = None
-    if reason is None:
-        options = settings.compile_options(quantization)
+    wrapper: Any  # the model's DiffusionWrapper / OpenAIWrapper, holding ``diffusion_model``
+    eager: torch.nn.Module
+    stand_in: GuardedUNet
+    lookup: Any  # compile.graph_cache.Lookup
+    first_call: bool  # the graph had not run yet: its first call compiles (or loads) it
+    moves_before: int
+
+
+class CompiledSampling:
+    """The compiled UNets of one ``p.sample`` call (all denoising of a batch, hires fix included).
+
+    The model loaded when sampling starts gets its compiled UNet (:meth:`start`). The webui may switch models
+    in the middle of sampling: the refiner (``sd_samplers_common.apply_refiner``, run by the denoiser before a
+    step) calls ``sd_models.reload_model_weights``, which either loads the refiner into the same model object
+    (same config: the load goes through the stand-in and is bound to the graph, see
+    :class:`unet_swap.EagerUNetView`) or makes another model object current (another config, or one kept
+    loaded with ``sd_checkpoints_limit`` > 1). :meth:`follow`, called before every denoiser step, swaps the
+    compiled UNet of its structure into such a model too: a refiner of the same structure reuses the job's
+    graph with its own weights bound, no compile. Every model gets its eager UNet back in :meth:`finish`.
+    """
+
+    def __init__(self, p, job: JobRecord, script_args: ScriptArgs):
+        self.p = p
+        self.job = job
+        self.script_args = script_args
+        self.settings = STATE.settings
+        self.quantization = ""
+        self.swaps: List[_Swap] = []
+        self.model = None  # the model the denoiser runs now, and its checkpoint
+        self.checkpoint = None
+        self.counters_before = (compiled_graph_count(), graph_break_count(),
+                                len(STATE.cache.recompile_limit_watcher.messages))
+
+    def start(self) -> None:
+        job = self.job
+        sd_model = self.p.sd_model
+        self.model, self.checkpoint = sd_model, sd_model.sd_checkpoint_info
+        reason = _eager_reason(sd_model)
+        if reason is None and self.script_args.quantization:
+            missing = quantization_available()
+            if missing:
+                job.notices.append(f"int8 requested but {missing}; compiled without it")
+            else:
+                self.quantization = "int8"
+        lookup = None
+        if reason is None:
+            lookup, reason = self._lookup(sd_model)
+        if lookup is None:
+            job.accelerated = False
+            job.notices.append(reason)
+            logger.warning("OneDiff: generating eagerly: %s", reason)
+            return
+        job.accelerated = True
+        job.backend = lookup.entry.key.backend
+        job.graph = lookup.entry.signature.short()
+        job.quantization = self.quantization
+        job.cuda_graphs = lookup.entry.cuda_graphs
+        job.reused = lookup.reused if job.reused is None else job.reused
+        job.from_compile_cache = job.from_compile_cache or (not lookup.reused and bool(lookup.entry.cache_hit))
+        self._swap_in(sd_model, lookup)
+
+    def _lookup(self, sd_model):
+        """(the compiled UNet's lookup for ``sd_model``, None) or (None, why it runs eagerly)."""
         try:
-            lookup = STATE.cache.get(eager_unet, settings.backend, options)
+            lookup = STATE.cache.get(sd_model.model.diffusion_model, self.settings.backend,
+                                     self.settings.compile_options(self.quantization))
         except BackendUnavailable as error:
-            reason = str(error)
+            return None, str(error)
         except Exception as error:  # noqa: BLE001
             logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
-            reason = f"compile failed ({type(error).__name__}: {error})"
-    if lookup is not None and lookup.entry.key in STATE.failed_graphs:
-        reason = f"this graph failed before: {STATE.failed_graphs[lookup.entry.key]}"
-    if reason is not None:
-        job.accelerated = False
-        job.notices.append(reason)
-        logger.warning("OneDiff: generating eagerly: %s", reason)
-        p.extra_generation_params[INFO_KEY] = job.info_text()
-        yield
-        return
+            return None, f"compile failed ({type(error).__name__}: {error})"
+        if lookup.entry.key in STATE.failed_graphs:
+            return None, f"this graph failed before: {STATE.failed_graphs[lookup.entry.key]}"
+        return lookup, None
 
-    job.accelerated = True
-    job.backend = lookup.entry.key.backend
-    job.graph = lookup.entry.signature.short()
-    job.quantization = quantization
-    job.cuda_graphs = lookup.entry.cuda_graphs
-    job.reused = lookup.reused if job.reused is None else job.reused
-    job.from_compile_cache = job.from_compile_cache or (not lookup.reused and bool(lookup.entry.cache_hit))
-    job.bind_ms += lookup.bind_ms
-    first_call = lookup.entry.compile_s is None
-    if first_call:
-        announce_first_call(lookup.entry)
-    graphs_before, breaks_before = compiled_graph_count(), graph_break_count()
-    moves_before = lookup.entry.moves_after_capture
-    limit_hits_before = len(STATE.cache.recompile_limit_watcher.messages)
-    wrapper.diffusion_model = GuardedUNet(lookup.unet, eager_unet, lookup.entry.module, job, lookup.entry.key,
-                                              lookup.entry.binding)
-    checkpoint = sd_model.sd_checkpoint_info
-    try:
-        yield
-    finally:
-        wrapper.diffusion_model = eager_unet
-        refiner_note = _model_change_note(p, sd_model, checkpoint)
-        if refiner_note and refiner_note not in job.notices:
-            job.notices.append(refiner_note)
-        if first_call and lookup.entry.compile_s is not None:
-            job.compile_s = lookup.entry.compile_s
-            print(f"OneDiff: graph {job.graph} ready in {job.compile_s:.1f} s", flush=True)
-        job.new_graphs += compiled_graph_count() - graphs_before
-        job.graph_breaks += graph_break_count() - breaks_before
-        if len(STATE.cache.recompile_limit_watcher.messages) > limit_hits_before:
-            job.recompile_limit_hit = True
-            job.notices.append("dynamo hit its recompile limit: part of this job ran eagerly (see the status route)")
-        if lookup.entry.moves_after_capture > moves_before:
-            job.notices.append("CUDA graphs re-recorded: the compiled graph's weights were moved to other addresses")
-        p.extra_generation_params[INFO_KEY] = job.info_text()
+    def _swap_in(self, sd_model, lookup) -> None:
+        entry = lookup.entry
+        if entry.compile_s is None:
+            announce_first_call(entry)
+        self.job.bind_ms += lookup.bind_ms
+        wrapper = sd_model.model
+        eager = wrapper.diffusion_model
+        stand_in = GuardedUNet(lookup.unet, eager, entry.module, self.job, entry.key, entry.binding)
+        wrapper.diffusion_model = stand_in
+        self.swaps.append(_Swap(wrapper, eager, stand_in, lookup, entry.compile_s is None, entry.moves_after_capture))
 
+    def follow(self, sd_model) -> None:
+        """Keep the UNet the denoiser runs compiled after the webui switched models (the refiner)."""
+        if sd_model is self.model and sd_model.sd_checkpoint_info is self.checkpoint:
+            return
+        title = sd_model.sd_checkpoint_info.short_title
+        switched_object = sd_model is not self.model
+        self.model, self.checkpoint = sd_model, sd_model.sd_checkpoint_info
+        if not self.job.accelerated:
+            self._note(f"refiner {title}: eager")
+        elif not switched_object:  # loaded into the model object the job runs, through the stand-in
+            self._note(f"refiner {title}: compiled, loaded into graph {self.job.graph}")
+        else:
+            self._follow_model_object(sd_model, title)
 
-def _model_change_note(p, sd_model, checkpoint) -> Optional[str]:
-    """What the job's info says when the checkpoint changed during sampling (the refiner), else None."""
-    if p.sd_model is not sd_model:  # another model object: its UNet was never swapped
-        return f"refiner {p.sd_model.sd_checkpoint_info.short_title}: eager (another model object)"
-    if sd_model.sd_checkpoint_info != checkpoint:  # loaded in place into the weights the graph reads
-        return f"refiner {sd_model.sd_checkpoint_info.short_title}: compiled"
-    return None
+    def _follow_model_object(self, sd_model, title: str) -> None:
+        stand_in = sd_model.model.diffusion_model
+        for swap in self.swaps:
+            if swap.stand_in is stand_in:  # back to a model swapped before: the graph must get its weights again
+                stand_in.weights_pending = True
+                return
+        lookup, reason = None, _eager_reason(sd_model)
+        if reason is None:
+            lookup, reason = self._lookup(sd_model)
+        if lookup is None:
+            self._note(f"refiner {title}: eager ({reason})")
+            return
+        self._swap_in(sd_model, lookup)
+        how = "reused" if lookup.reused else "new graph"
+        self._note(f"refiner {title}: compiled, {how} {lookup.entry.signature.short()}")
+
+    def _note(self, text: str) -> None:
+        if text not in self.job.notices:
+            self.job.notices.append(text)
+
+    def finish(self) -> None:
+        """Put every eager UNet back, also after errors, and write the job's info."""
+        for swap in reversed(self.swaps):
+            swap.wrapper.diffusion_model = swap.eager
+        job = self.job
+        for swap in self.swaps:
+            entry = swap.lookup.entry
+            if swap.first_call and entry.compile_s is not None:
+                print(f"OneDiff: graph {entry.signature.short()} ready in {entry.compile_s:.1f} s", flush=True)
+                if entry.signature.short() == job.graph:
+                    job.compile_s = entry.compile_s
+        if self.swaps:
+            graphs_before, breaks_before, limit_hits_before = self.counters_before
+            job.new_graphs += compiled_graph_count() - graphs_before
+            job.graph_breaks += graph_break_count() - breaks_before
+            if len(STATE.cache.recompile_limit_watcher.messages) > limit_hits_before:
+                job.recompile_limit_hit = True
+                job.notices.append("dynamo hit its recompile limit: part of this job ran eagerly (see the status "
+                                   "route)")
+            if any(swap.lookup.entry.moves_after_capture > swap.moves_before for swap in self.swaps):
+                job.notices.append("CUDA graphs re-recorded: the compiled graph's weights were moved to other "
+                                   "addresses")
+        self.p.extra_generation_params[INFO_KEY] = job.info_text()
 
 
 def announce_first_call(entry) -> None:
@@ -281,8 +352,14 @@ def process_images(p, script_args: ScriptArgs):
     original_sample = p.sample  # the bound method; restored by deleting the instance attribute below
 
     def sample_with_compiled_unet(*args, **kwargs):
-        with compiled_unet_swapped_in(p, job, script_args):
+        sampling = CompiledSampling(p, job, script_args)
+        try:
+            sampling.start()
+            STATE.active_sampling = sampling
             return original_sample(*args, **kwargs)
+        finally:
+            STATE.active_sampling = None
+            sampling.finish()
 
     p.sample = sample_with_compiled_unet
     try:
@@ -290,6 +367,13 @@ def process_images(p, script_args: ScriptArgs):
     finally:
         del p.sample
         STATE.finish_job(job)
+
+
+def on_cfg_denoiser(_params) -> None:
+    """Before every denoiser step of every job: a running compiled job follows a model switch (the refiner)."""
+    sampling = STATE.active_sampling
+    if sampling is not None:
+        sampling.follow(shared.sd_model)
 
 
 def on_ui_settings():

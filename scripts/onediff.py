@@ -53,3 +53,4 @@ class Script(scripts.Script):
 webui_hooks.apply_cache_dir()
 script_callbacks.on_ui_settings(webui_hooks.on_ui_settings)
 script_callbacks.on_app_started(webui_hooks.on_app_started)
+script_callbacks.on_cfg_denoiser(webui_hooks.on_cfg_denoiser)

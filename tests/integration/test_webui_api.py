@@ -7,6 +7,7 @@ UNet with another head count, and one int8 graph. Checkpoint switches, img2img a
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -241,26 +242,59 @@ def test_requests_without_the_script_field_reach_the_webui_unchanged(webui):
     assert_accelerated(answer)
 
 
-def test_refiner_equals_eager_and_the_graph_survives_it(webui):
-    """The webui switches to the refiner in the middle of sampling. Here (each tiny checkpoint has its own
-    yaml) it loads another model object and moves the base model to the ``meta`` device while the compiled
-    UNet is swapped into it: the refiner's steps run eagerly and the job's info says so, and the graph's
-    weights must survive for the next job (they went to ``meta`` with the model before, and every later job
-    failed back to eager). A refiner of the same config is loaded into the same model object instead, through
-    the stand-in's state dict (tests/onediff_sd_webui_extensions/test_unet_swap.py)."""
-    base = with_checkpoint(BASE, webui.checkpoints[0])
-    request = dict(base, refiner_checkpoint="tiny_same", refiner_switch_at=0.5)
-    eager = webui.post_ok("/sdapi/v1/txt2img", request)
-    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
-    assert_accelerated(compiled)
-    assert "refiner tiny_same" in onediff_info(compiled) and "eager (another model object)" in onediff_info(compiled)
-    no_refiner = webui.post_ok("/sdapi/v1/txt2img", base)
+def compiled_calls(webui):
+    """Calls of all compiled graphs so far (the status route counts every call that ran a graph)."""
+    return sum(graph["calls"] for graph in webui.status()["graphs"])
+
+
+def assert_refiner_steps_compiled(webui, base, refiner_checkpoint, info_says):
+    """The refiner's steps run through the job's graph: as many compiled calls as the job without refiner, no
+    new graph, the image equals the webui's eager image, with and without LoRA (the refiner gets the LoRA as
+    the eager webui gives it), and the next job still runs compiled."""
+    request = dict(base, refiner_checkpoint=refiner_checkpoint, refiner_switch_at=0.5)
+    eager, no_refiner = (webui.post_ok("/sdapi/v1/txt2img", r) for r in (request, base))
     assert np.abs(WebUI.image(eager) - WebUI.image(no_refiner)).max() > 20, "the refiner changed nothing visible"
+    calls = compiled_calls(webui)
+    webui.post_ok("/sdapi/v1/txt2img", accelerated(base))
+    calls_without_refiner = compiled_calls(webui) - calls
+    before = webui.status()
+    calls = compiled_calls(webui)
+    compiled = webui.post_ok("/sdapi/v1/txt2img", accelerated(request))
+    info = onediff_info(compiled)
+    assert_accelerated(compiled)
+    assert re.search(info_says, info), info
+    assert compiled_calls(webui) - calls == calls_without_refiner, f"the refiner's steps ran eagerly: {info}"
+    assert webui.status()["dynamo_graphs_total"] == before["dynamo_graphs_total"], "the refiner compiled a graph"
     assert_same_image(eager, compiled)
+
+    lora = {"prompt": BASE["prompt"] + " <lora:tiny_lora:0.5>"}
+    eager_lora = webui.post_ok("/sdapi/v1/txt2img", dict(request, **lora))
+    compiled_lora = webui.post_ok("/sdapi/v1/txt2img", accelerated(dict(request, **lora)))
+    assert re.search(info_says, onediff_info(compiled_lora)), onediff_info(compiled_lora)
+    assert_same_lora_image(eager_lora, compiled_lora, eager)
+
     after = webui.post_ok("/sdapi/v1/txt2img", accelerated(base))
     assert_accelerated(after)
     assert_same_image(no_refiner, after)
-    assert webui.status()["compiled_call_failures"] == 0
+    status = webui.status()
+    assert status["compiled_call_failures"] == 0 and status["dynamo_graphs_total"] == before["dynamo_graphs_total"]
+
+
+def test_refiner_of_another_config_runs_on_the_jobs_graph(webui):
+    """The webui switches to the refiner in the middle of sampling. tiny_same has a yaml of its own, so the webui
+    loads it as another model object and moves the base model to the ``meta`` device while its UNet is
+    swapped: the job follows the switch and runs the refiner's steps on the same graph with tiny_same's
+    weights bound, and the graph's weights survive the base model's trip to ``meta``."""
+    assert_refiner_steps_compiled(webui, with_checkpoint(BASE, webui.checkpoints[0]), "tiny_same",
+                                  r"refiner tiny_same( \[\w+\])?: compiled, reused")
+
+
+def test_refiner_of_the_same_config_is_loaded_into_the_jobs_graph(webui):
+    """tiny_pair.ckpt shares tiny_pair.safetensors' yaml, so the webui loads it into the running model object
+    (``load_state_dict`` through the job's stand-in UNet, as for two SD1.5 fine-tunes without a yaml): its
+    weights must reach the graph for the refiner's steps."""
+    assert_refiner_steps_compiled(webui, with_checkpoint(BASE, "tiny_pair.safetensors"), "tiny_pair.ckpt",
+                                  r"refiner tiny_pair( \[\w+\])?: compiled, loaded into graph")
 
 
 def test_several_loaded_checkpoints_share_one_graph_without_mixing_weights(webui):

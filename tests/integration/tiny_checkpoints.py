@@ -17,13 +17,19 @@ import json
 import os
 import sys
 
-# name -> (UNet overrides, seed). "same" has the structure of "base" with other weights; "heads" differs only
-# in the attention head count (equal tensor shapes, another graph); "inpaint" is a 9-channel UNet.
+# name -> (UNet overrides, seed). "same" and "pair" have the structure of "base" with other weights; "heads"
+# differs only in the attention head count (equal tensor shapes, another graph).
 CHECKPOINTS = {
     "tiny_base": ({}, 1),
     "tiny_same": ({}, 2),
     "tiny_heads": ({"num_heads": 2}, 3),
+    "tiny_pair": ({}, 4),
 }
+# A second checkpoint with the config of "tiny_pair" (name, seed). A1111 loads a checkpoint whose config equals
+# the loaded model's into that model object (``load_state_dict``), as it does for any two SD1.5 fine-tunes
+# without a yaml; here the config is the yaml beside the file, and only a file of another format can share
+# that yaml's name: ``tiny_pair.ckpt``.
+SAME_CONFIG_CKPT = ("tiny_pair", 5)
 
 UNET = dict(
     image_size=32,
@@ -122,7 +128,7 @@ def model_yaml(text_encoder, unet_overrides):
     }
 
 
-def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed):
+def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed, extension=".safetensors"):
     import torch
     import yaml
     from ldm.util import instantiate_from_config
@@ -146,7 +152,10 @@ def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed):
         moments.weight[moments.out_channels // 2 :].zero_()
         moments.bias[moments.out_channels // 2 :].fill_(-30.0)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(out_dir, name + ".safetensors"))
+    if extension == ".ckpt":  # torch's legacy format: A1111's safe unpickler refuses the zip format's newer entries
+        torch.save({"state_dict": state}, os.path.join(out_dir, name + extension), _use_new_zipfile_serialization=False)
+    else:
+        save_file(state, os.path.join(out_dir, name + extension))
     return model
 
 
@@ -176,6 +185,8 @@ def main(webui_dir, out_dir):
     write_text_encoder(text_encoder)
     models = {name: write_checkpoint(out_dir, name, text_encoder, overrides, seed)
               for name, (overrides, seed) in CHECKPOINTS.items()}
+    name, seed = SAME_CONFIG_CKPT
+    write_checkpoint(out_dir, name, text_encoder, CHECKPOINTS[name][0], seed, extension=".ckpt")
     loras = os.path.join(out_dir, "Lora")
     write_lora(loras, models["tiny_base"].model.diffusion_model)
     write_lora(loras, models["tiny_base"].model.diffusion_model, name="tiny_lora_b", seed=7)
