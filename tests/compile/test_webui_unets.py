@@ -4,7 +4,6 @@ the webui's: these tests run when WEBUI_DIR points at a webui checkout with its 
 import os
 
 import pytest
-import torch
 
 from compile import count_new_graphs, graph_break_count
 
