@@ -34,6 +34,7 @@ from .backends import AUTO, CompileOptions, compile_module, resolve_backend, res
 from .counters import RecompileLimitWatcher, compiled_graph_count
 from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
+from .step_times import StepTimes, input_shape
 from .weights import BindReport, aliasing_clone, bind_weights
 
 
@@ -60,11 +61,11 @@ def binding_for(options: CompileOptions, module: torch.nn.Module):
     ``module`` and writes later modules' weights into it."""
     if not options.quantization:
         return FloatBinding(module)
-    from .quantization import INT8, Int8Binding
+    from .quantization import REQUESTS, Int8Binding
 
-    if options.quantization == INT8:
-        return Int8Binding(module)
-    raise ValueError(f"unknown quantization '{options.quantization}' (choose '' or '{INT8}')")
+    if options.quantization in REQUESTS:
+        return Int8Binding(module, options.quantization)
+    raise ValueError(f"unknown quantization '{options.quantization}' (choose '' or one of {', '.join(REQUESTS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ class CompiledUNet(torch.nn.Module):
         first_call = entry.compile_s is None
         memory_before = _reserved_bytes(entry.key.device)
         start = time.perf_counter()
+        step_timer = None if first_call else entry.step_times.start(entry.key.device)
         if entry.cuda_graphs:
             entry.note_placement()
             torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs were copied out
@@ -116,6 +118,8 @@ class CompiledUNet(torch.nn.Module):
             entry.graphs += new_graphs
         else:
             entry.recompiles += new_graphs
+            if not new_graphs:  # a step, not a compile
+                entry.step_times.stop(step_timer, input_shape(args, kwargs))
         entry.calls += 1
         entry.memory_growth_bytes += max(0, _reserved_bytes(entry.key.device) - memory_before)
         if entry.stored is not None and (first_call or new_graphs):
@@ -161,6 +165,7 @@ class GraphEntry:
     stored: Optional[StoredGraph] = None  # its persistent cache entry, when the GraphCache has one
     memory_growth_bytes: int = 0  # device memory the allocator reserved during its calls (kernels, graph pools)
     moves_after_capture: int = 0  # calls that found the captured weights moved (torch re-records the graph)
+    step_times: StepTimes = dataclasses.field(default_factory=StepTimes)  # calls after the first, by shape
     _placement: Optional[tuple] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -213,6 +218,7 @@ class GraphEntry:
             "cuda_graphs": self.cuda_graphs,
             "memory_growth_mb": round(self.memory_growth_bytes / 2**20, 1),
             "moves_after_capture": self.moves_after_capture,
+            "step_ms": self.step_times.as_dict(),
             **self.binding.describe(),
         }
 
@@ -307,6 +313,38 @@ class GraphCache:
     def entries(self) -> List[GraphEntry]:
         return list(self._entries.values())
 
+    def quantization_speed(self) -> List[Dict[str, Any]]:
+        """Each quantized graph against the float graph of the same structure, backend, options, device and
+        dtype, at the input shape both have served most: step times from the calls they served, so whether
+        quantization pays is measured on this device, not assumed (see :mod:`compile.step_times`)."""
+        comparisons = []
+        for quantized in list(self._entries.values()):
+            if not quantized.key.options.quantization:
+                continue
+            float_key = dataclasses.replace(
+                quantized.key, options=dataclasses.replace(quantized.key.options, quantization=""))
+            float_entry = self._entries.get(float_key)
+            if float_entry is None:
+                continue
+            float_times, quantized_times = float_entry.step_times.as_dict(), quantized.step_times.as_dict()
+            shared = [shape for shape in quantized_times if shape in float_times]
+            if not shared:
+                continue
+            shape = max(shared, key=lambda each: min(float_times[each]["calls"], quantized_times[each]["calls"]))
+            float_ms, quantized_ms = float_times[shape]["median_ms"], quantized_times[shape]["median_ms"]
+            memory = quantized.binding.weights.memory_mb()
+            comparisons.append({
+                "device": quantized.key.device,
+                "graph": quantized.signature.short(),
+                "scheme": quantized.binding.weights.mode,
+                "shape": shape,
+                "float_ms": float_ms,
+                "quantized_ms": quantized_ms,
+                "speedup": round(float_ms / quantized_ms, 3),
+                "weight_share": round(memory["int8"] / memory["float"], 3),
+            })
+        return comparisons
+
     def clear(self) -> None:
         with self._lock:
             self._evict_beyond(0)
@@ -322,4 +360,5 @@ class GraphCache:
             "recompile_limit_hits": list(self.recompile_limit_watcher.messages),
             "persistent_cache": self.persistent.status() if self.persistent is not None else None,
             "graphs": [entry.describe() for entry in self._entries.values()],
+            "quantization_speed": self.quantization_speed(),
         }

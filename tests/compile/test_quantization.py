@@ -12,7 +12,7 @@ import torch
 
 from compile import CompileOptions, GraphCache, count_new_graphs
 from compile import quantization
-from compile.models import build_preset
+from compile.models import build_preset, example_inputs
 
 INT8 = CompileOptions(quantization="int8")
 FLOAT = CompileOptions()
@@ -235,3 +235,85 @@ def test_bind_skips_unchanged_tensors_but_never_trusts_inference_tensors():
     weights.bind_from(made_in_inference_mode)
     report = weights.bind_from(made_in_inference_mode)  # no version counters: everything is written again
     assert (report.quantized, report.copied, report.unchanged) == (2, 2, 0)
+
+
+def test_quantization_speed_compares_the_int8_graph_with_the_float_graph_of_its_structure(
+        graph_cache, tiny_sd15, tiny_sd15_int8, monkeypatch):
+    from compile.step_times import StepTimes
+
+    for compiled in (tiny_sd15, tiny_sd15_int8):
+        monkeypatch.setattr(compiled.lookup.entry, "step_times", StepTimes())
+    for _ in range(3):
+        tiny_sd15.inputs.call(tiny_sd15.compiled)
+    assert graph_cache.quantization_speed() == []  # the int8 graph has not served this size since
+    for _ in range(3):
+        tiny_sd15_int8.inputs.call(tiny_sd15_int8.compiled)
+    shape = "x".join(str(size) for size in tiny_sd15.inputs.sample.shape)
+    [comparison] = [each for each in graph_cache.quantization_speed() if each["shape"] == shape]
+    weights = tiny_sd15_int8.lookup.entry.binding.weights
+    assert comparison["scheme"] == weights.mode and comparison["device"] == "cpu"
+    float_ms = tiny_sd15.lookup.entry.step_times.median_ms(shape)
+    int8_ms = tiny_sd15_int8.lookup.entry.step_times.median_ms(shape)
+    assert comparison["speedup"] == pytest.approx(float_ms / int8_ms, rel=1e-2)
+    assert 0 < comparison["weight_share"] < 1
+    print(f"tiny preset on this CPU: float {float_ms:.2f} ms, {weights.mode} {int8_ms:.2f} ms a step")
+
+
+def test_torchao_is_imported_only_for_a_quantized_graph_and_quietly():
+    import subprocess
+    import sys
+
+    code = ("import sys; import compile, compile.graph_cache, compile.quantization as q;"
+            "assert 'torchao' not in sys.modules, 'imported at start-up';"
+            "assert q.torchao_installed(); q.import_torchao(); print('imported', 'torchao' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "imported True" in result.stdout
+    for noise in ("Failed to load", "register_constant"):
+        assert noise not in result.stderr, result.stderr
+
+
+def test_fp8_is_refused_in_plain_words_where_torchao_has_no_float8_kernels():
+    assert quantization.int8_availability("cpu", quantization.FP8) is not None  # torchao: CUDA 8.9+ only
+    with pytest.raises(quantization.Int8Unavailable, match="fp8 quantization cannot run here"):
+        quantization.choose_mode("cpu", quantization.FP8)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantization.choose_mode("cpu", "int4")
+
+
+@pytest.fixture
+def fp8_math_on_this_cpu(monkeypatch):
+    """torchao's float8 tensors with its CUDA capability check lifted: the same quantization and matmul
+    math (``torch._scaled_mm`` runs on the CPU), so rebinding, LoRA and exact restore are tested here."""
+    import torchao.quantization.quant_api as quant_api
+
+    quantization.import_torchao()
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    quantization._probe.cache_clear()
+    yield
+    monkeypatch.undo()
+    quantization._probe.cache_clear()
+
+
+def test_fp8_weights_are_written_in_place_and_restored_exactly(fp8_math_on_this_cpu):
+    unet, second = build_preset("tiny", seed=0), build_preset("tiny", seed=1)
+    weights = quantization.Int8Weights.quantize_copy(unet, quantization.FP8)
+    assert weights.mode == quantization.FP8_TENSORWISE  # float32 weights: torchao's row-wise fp8 takes bf16 only
+    kinds = {type(layer.linear.weight).__name__ for layer in weights.layers.values()}
+    assert kinds == {"Float8Tensor", "Int8Tensor"}  # cross-attention k/v stay int8 weight-only
+    inputs = example_inputs(unet)
+    error = relative_error(inputs.call(weights.template), inputs.call(unet))
+    print(f"fp8-tensorwise eager vs float eager on the tiny preset: max_rel_err={error:.4f}")
+    assert 0 < error <= 0.05, error  # fp8 e4m3 is coarser than int8 (see compile.quantization's docstring)
+
+    pointers = {key: t.data_ptr() for key, t in int8_state_views(weights).items()}
+    saved = weights.int8_snapshot()
+    deltas = lora_deltas(weights)
+    weights.fuse_deltas(deltas)
+    assert not weights.matches_snapshot(saved)
+    weights.restore()
+    assert weights.matches_snapshot(saved)
+
+    weights.bind_from(second)
+    assert relative_error(inputs.call(weights.template), inputs.call(second)) <= 0.05
+    assert {key: t.data_ptr() for key, t in int8_state_views(weights).items()} == pointers, "not in place"
