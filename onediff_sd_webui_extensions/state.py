@@ -37,6 +37,7 @@ OPTION_DYNAMIC = "onediff_dynamic_shapes"
 OPTION_CACHE_DIR = "onediff_cache_dir"
 OPTION_MAX_GRAPHS = "onediff_max_graphs"
 OPTION_CLEAR_CACHE = "onediff_clear_compile_cache"
+OPTION_QUANTIZATION = "onediff_quantization"
 # Compiled graphs kept across restarts, by default inside the extension's folder (ignored by its git).
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "compile_cache")
 
@@ -44,6 +45,12 @@ BACKEND_CHOICES = [AUTO, *KNOWN_BACKENDS]
 # "auto": CUDA graphs on CUDA, inductor's default elsewhere; "default": inductor's default everywhere (the
 # behaviour before CUDA graphs were the default).
 COMPILE_MODE_CHOICES = [AUTO_MODE, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
+
+# What the quantization checkbox asks for (compile.quantization: the device picks the scheme that runs).
+QUANTIZATION_CHOICES = ["int8", "fp8"]
+# Measured step times of quantized against float graphs, per device, kept in the compile cache folder so the
+# checkbox can say at the next start what quantization does on this device.
+QUANTIZATION_SPEED_FILE = "quantization-speed.json"
 
 _TRUE_STRINGS = {"1", "true", "yes", "on"}
 _FALSE_STRINGS = {"", "0", "false", "no", "off", "none", "null"}
@@ -98,6 +105,7 @@ class Settings:
     dynamic: bool = False  # see README: inductor on CPU cannot lower ldm's 1x1 convs with symbolic sizes
     cache_dir: str = DEFAULT_CACHE_DIR
     max_graphs: int = 2
+    quantization: str = QUANTIZATION_CHOICES[0]  # what the checkbox asks for: int8 or fp8
 
     def compile_options(self, quantization: str = "") -> CompileOptions:
         mode = self.compile_mode or AUTO_MODE
@@ -177,8 +185,27 @@ class OneDiffState:
         job.seconds = time.time() - job.started
         if job.accelerated:
             self.accelerated_jobs += 1
+            self.save_quantization_speed()
         else:
             self.eager_jobs += 1
+
+    def save_quantization_speed(self) -> None:
+        """Write what the graph cache measured of quantized against float graphs (both used at one size) to
+        the cache folder, per device, for the checkbox's label at the next start."""
+        comparisons = self.cache.quantization_speed()
+        if not comparisons or not self.settings.cache_dir:
+            return
+        path = os.path.join(self.settings.cache_dir, QUANTIZATION_SPEED_FILE)
+        records = read_quantization_speed_file(path)
+        for comparison in comparisons:
+            records[device_name(comparison["device"])] = {**comparison, "measured": time.strftime("%Y-%m-%d")}
+        try:
+            os.makedirs(self.settings.cache_dir, exist_ok=True)
+            with open(path + ".tmp", "w") as handle:
+                json.dump(records, handle, indent=1)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # a read-only cache folder: the status route still shows the measurement
 
     def record_lora(self, report: Any) -> None:
         """Remember an application of A1111's LoRA networks into the compiled UNet's weights."""
@@ -209,12 +236,51 @@ class OneDiffState:
             "compiled_call_failures": self.compiled_call_failures,
             "failed_graphs": list(self.failed_graphs.values()),
             "last_job": last,
+            "quantization_speed": cache["quantization_speed"],
             "last_lora_fuse_ms": None if self.last_lora is None else round(self.last_lora["apply_ms"], 3),
             "last_lora": self.last_lora,
             "lora_applications": self.lora_applications,
             "device_memory_mb": _device_memory_mb(),
             "torch": torch.__version__,
         }
+
+
+def device_name(device: str) -> str:
+    """The device's model name (the GPU's, or "CPU"): quantization speed is measured and kept per model."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "CPU"
+
+
+def read_quantization_speed_file(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as handle:
+            records = json.load(handle)
+        return records if isinstance(records, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def quantization_checkbox(request: str, installed: bool, measured: Optional[Dict[str, Any]],
+                          device: str) -> Dict[str, Any]:
+    """Label, info and interactivity of the quantization checkbox: "Speed Up" only where this device was
+    measured faster with it; otherwise what it does here (smaller weights), and the measurement if there is
+    one (``measured``: this device's record from :data:`QUANTIZATION_SPEED_FILE`)."""
+    name = f"Model Quantization ({request})"
+    if not installed:
+        return {"label": f"{name}: not available", "interactive": False,
+                "info": "torchao is not installed (the extension's install.py installs it); jobs run unquantized"}
+    if not measured:
+        return {"label": f"{name}: smaller weights", "interactive": True,
+                "info": f"Its speed on this {device} is not measured yet: run one job with and one without it at "
+                        "the same size; the status line then compares them, and this label says it after a restart."}
+    faster = measured["speedup"] >= 1.0
+    comparison = (f"{measured['scheme']} measured on this {device} ({measured['measured']}): "
+                  f"{measured['speedup']:.2f}x the float graph's speed at {measured['shape']} "
+                  f"({measured['quantized_ms']:.1f} vs {measured['float_ms']:.1f} ms a step), "
+                  f"weights {measured['weight_share']:.0%} of float")
+    label = f"{name} Speed Up" if faster else f"{name}: smaller weights, not faster here"
+    return {"label": label, "info": comparison, "interactive": True}
 
 
 def _device_memory_mb() -> Optional[Dict[str, float]]:

@@ -35,11 +35,7 @@ class Script(scripts.Script):
         return True  # selectable in both tabs ("script_name" only finds selectable scripts)
 
     def ui(self, is_img2img):
-        missing = webui_hooks.quantization_available()
-        label = "Model Quantization (int8) Speed Up"
-        quantization = gr.Checkbox(
-            label=label if missing is None else f"{label} ({missing})", value=False, interactive=missing is None
-        )
+        quantization = gr.Checkbox(value=False, **webui_hooks.quantization_checkbox())
         with gr.Row():
             status = gr.HTML(value=_status_html)  # a callable value is evaluated on every page load
             refresh = gr.Button(value="Refresh status", size="sm", scale=0, min_width=130)

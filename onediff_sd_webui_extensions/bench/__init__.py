@@ -111,11 +111,11 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
         with progress("LoRA: fuse, switch, unfuse into the compiled graph", every_s=30.0):
             lora = lora_section(lookup.entry.module, lookup.unet, inputs)
     quant = None
-    if args.quant == "int8":
+    if args.quant != "none":
         from .quant import quant_section
 
         quant = quant_section(unet, second, inputs, backend, compiled_ms, options=options,
-                              warmup=args.warmup, repeat=args.repeat)
+                              warmup=args.warmup, repeat=args.repeat, request=args.quant)
 
     # Checkpoint switch: the second model's weights go into the captured storage; eager reference first,
     # because binding points the second model's parameters at that storage.
@@ -199,14 +199,16 @@ def format_table(report: Dict[str, Any]) -> str:
                      + f" in {cache['compile_s']:.1f} s" + (f" ({cache['problem']})" if "problem" in cache else "")))
     quant = report.get("quant")
     if quant and "unavailable" in quant:
-        rows.append(("int8", f"not available: {quant['unavailable']}"))
+        rows.append(("quantization", f"not available: {quant['unavailable']}"))
     elif quant:
+        scheme = quant["scheme"]
         rows += [
-            ("int8 compiled step", f"{quant['compiled_ms']:.2f} ms ({quant['speedup_vs_float_compiled']:.2f}x vs float "
-                                   f"compiled), max rel err {quant['max_rel_err']:.4f}"),
-            ("int8 weights", f"{quant['weight_mb_float']:.1f} MB float -> {quant['weight_mb_int8']:.1f} MB"),
-            ("int8 LoRA / switch", f"new graphs {quant['lora_new_graphs']} / {quant['switch_new_graphs']}, "
-                                   f"LoRA max rel err {quant['lora_max_rel_err']:.4f}"),
+            (f"{scheme} compiled step", f"{quant['step_ms']:.2f} ms ({quant['speedup_vs_float_compiled']:.2f}x vs "
+                                        f"float compiled), max rel err {quant['max_rel_err']:.4f}, "
+                                        f"compile {quant['compile_s']:.1f} s"),
+            (f"{scheme} weights", f"{quant['weight_mb_float']:.1f} MB float -> {quant['weight_mb_int8']:.1f} MB"),
+            (f"{scheme} LoRA / switch", f"new graphs {quant['lora_new_graphs']} / {quant['switch_new_graphs']}, "
+                                        f"LoRA max rel err {quant['lora_max_rel_err']:.4f}"),
         ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
@@ -237,8 +239,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
                         help="fuse a rank-16 LoRA into the compiled graph and time it (default: on)")
-    parser.add_argument("--quant", default="none", choices=["none", "int8"],
-                        help="also compile an int8 (torchao) graph and compare it with float (default: none)")
+    parser.add_argument("--quant", default="none", choices=["none", "int8", "fp8"],
+                        help="also compile a quantized (torchao) graph and compare it with float: int8 (dynamic "
+                             "where the device runs int8 matmuls, else weight-only) or fp8 (CUDA compute "
+                             "capability >= 8.9) (default: none)")
     add_cache_argument(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
 

@@ -1,4 +1,6 @@
-"""The bench's ``--quant int8`` section: the int8 compiled UNet against float, with LoRA and a checkpoint switch.
+"""The bench's ``--quant int8|fp8`` section: the quantized compiled UNet against float, with LoRA and a
+checkpoint switch. ``scheme`` says what ran on this device (``int8-dynamic``, ``int8-weight-only``,
+``fp8-rowwise``, ``fp8-tensorwise``: see ``compile.quantization``).
 
 ``max_rel_err`` = max |int8 compiled - float eager| / max |float eager| on the same inputs; the LoRA and switch
 errors are the same metric against float eager on the LoRA-fused / switched weights. Graph counts come from
@@ -60,23 +62,25 @@ def quant_section(
     warmup: int = 3,
     repeat: int = 10,
     cache: Optional[GraphCache] = None,
+    request: str = INT8,
 ) -> Dict[str, Any]:
-    """Compile ``unet`` with int8 Linears and measure it (see the module docstring); ``second`` is a model of
-    the same structure for the switch. Neither module is modified. ``cache`` defaults to a cache of its own,
-    so that the int8 graph does not evict the bench's float graphs. When int8 cannot run here the section says
-    why (``{"unavailable": reason}``) instead of failing the bench."""
-    device = next(unet.parameters()).device
-    reason = int8_availability(device)
+    """Compile ``unet`` with quantized Linears (``request``: int8 or fp8) and measure it (see the module
+    docstring); ``second`` is a model of the same structure for the switch. Neither module is modified.
+    ``cache`` defaults to a cache of its own, so that the quantized graph does not evict the bench's float
+    graphs. When the request cannot run here the section says why (``{"unavailable": reason}``) instead of
+    failing the bench."""
+    first = next(unet.parameters())
+    reason = int8_availability(first.device, request, first.dtype)
     if reason is not None:
         return {"unavailable": reason}
-    options = CompileOptions(**{**(options or CompileOptions()).as_dict(), "quantization": INT8})
+    options = CompileOptions(**{**(options or CompileOptions()).as_dict(), "quantization": request})
     cache = cache or GraphCache(max_graphs=1)
 
     reference = inputs.call(unet)
     lookup = cache.get(unet, backend, options)
-    with progress(f"compiling the int8 graph with {backend}"):
+    with progress(f"compiling the {request} graph with {backend}"):
         output = inputs.call(lookup.unet)
-    compiled_ms = median_ms(lambda: inputs.call(lookup.unet), device, warmup, repeat)
+    step_ms = median_ms(lambda: inputs.call(lookup.unet), first.device, warmup, repeat)
     weights: Int8Weights = lookup.entry.binding.weights
     memory = weights.memory_mb()
 
@@ -96,11 +100,11 @@ def quant_section(
         second_output = inputs.call(switched.unet)
 
     return {
-        "mode": weights.mode,
+        "scheme": weights.mode,
         "quantized_layers": len(weights.layers),
         "compile_s": round(lookup.entry.compile_s, 2),
-        "compiled_ms": compiled_ms,
-        "speedup_vs_float_compiled": round(float_compiled_ms / compiled_ms, 3),
+        "step_ms": step_ms,
+        "speedup_vs_float_compiled": round(float_compiled_ms / step_ms, 3),
         "max_rel_err": _relative_error(output, reference),
         "weight_mb_float": round(memory["float"], 3),
         "weight_mb_int8": round(memory["int8"], 3),

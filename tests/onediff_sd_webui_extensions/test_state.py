@@ -4,7 +4,16 @@ import json
 
 import pytest
 
-from onediff_sd_webui_extensions.state import JobRecord, OneDiffState, ScriptArgs, ScriptArgsError, Settings
+from onediff_sd_webui_extensions.state import (
+    QUANTIZATION_SPEED_FILE,
+    JobRecord,
+    OneDiffState,
+    ScriptArgs,
+    ScriptArgsError,
+    Settings,
+    quantization_checkbox,
+    read_quantization_speed_file,
+)
 
 
 @pytest.mark.parametrize(
@@ -40,8 +49,8 @@ def test_job_info_says_whether_the_job_was_accelerated():
                      new_graphs=1, notices=["dynamo hit its recompile limit"])
     assert fast.info_text() == "inductor, reused UNetModel:abc, 1 new graph(s), dynamo hit its recompile limit"
     stored = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=False,
-                       from_compile_cache=True, quantization="int8")
-    assert stored.info_text() == "inductor, loaded UNetModel:abc, int8 quantized"
+                       from_compile_cache=True, quantization="int8-dynamic")
+    assert stored.info_text() == "inductor, loaded UNetModel:abc, int8-dynamic quantized"
     built = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=False,
                       compile_s=71.04)
     assert built.info_text() == "inductor, compiled UNetModel:abc in 71.0 s"
@@ -73,3 +82,30 @@ def test_status_is_json_and_counts_jobs():
     assert (status["jobs"], status["accelerated_jobs"], status["eager_jobs"]) == (2, 1, 1)
     assert status["backends_available"]["inductor"] is True
     assert status["graphs"] == [] and status["compiles"] == 0
+
+
+MEASURED = {"scheme": "int8-dynamic", "shape": "2x4x64x64", "float_ms": 27.8, "quantized_ms": 38.0,
+            "speedup": 0.732, "weight_share": 0.86, "measured": "2026-11-22"}
+
+
+def test_quantization_checkbox_promises_speed_only_where_it_was_measured_faster():
+    missing = quantization_checkbox("int8", installed=False, measured=None, device="CPU")
+    assert missing["interactive"] is False and "torchao is not installed" in missing["info"]
+    unmeasured = quantization_checkbox("int8", installed=True, measured=None, device="CPU")
+    assert unmeasured["label"] == "Model Quantization (int8): smaller weights" and "not measured" in unmeasured["info"]
+    slower = quantization_checkbox("int8", installed=True, measured=MEASURED, device="NVIDIA H100 80GB HBM3")
+    assert "Speed Up" not in slower["label"] and "not faster here" in slower["label"]
+    assert "0.73x" in slower["info"] and "int8-dynamic" in slower["info"] and "86%" in slower["info"]
+    faster = quantization_checkbox("fp8", installed=True, measured=dict(MEASURED, speedup=1.31), device="GPU")
+    assert faster["label"] == "Model Quantization (fp8) Speed Up" and "1.31x" in faster["info"]
+
+
+def test_finished_job_saves_the_measured_quantization_speed_per_device(tmp_path, monkeypatch):
+    state = OneDiffState()
+    state.apply_settings(Settings(cache_dir=str(tmp_path)))
+    comparison = {key: value for key, value in MEASURED.items() if key != "measured"}
+    monkeypatch.setattr(state.cache, "quantization_speed", lambda: [dict(comparison, device="cpu")])
+    state.finish_job(JobRecord(started=0.0, accelerated=True))
+    saved = json.loads((tmp_path / QUANTIZATION_SPEED_FILE).read_text())
+    assert saved["CPU"]["speedup"] == 0.732 and saved["CPU"]["measured"]
+    assert read_quantization_speed_file(str(tmp_path / "absent.json")) == {}
