@@ -106,16 +106,22 @@ class Int8Unavailable(RuntimeError):
 
 class _QuietTorchaoImport(logging.Filter):
     """Drops the messages importing torchao prints that say nothing about this extension's schemes: optional
-    kernel libraries built for other devices (``Failed to load .../_C_mxfp8...so``, ``_C_cutlass_90a``) and a
-    torch deprecation warning about torchao's own ``register_constant`` call. Users read them as breakage."""
+    kernel libraries built for other devices (``Failed to load .../_C_mxfp8...so``, ``_C_cutlass_90a``), a
+    torch deprecation warning about torchao's own ``register_constant`` call and, with a CPU-only torch (which
+    never has Triton), ``Detected no triton``. Users read them as breakage."""
+
+    LOGGERS = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")  # a logger's filter misses its children
 
     def __init__(self) -> None:
         super().__init__()
         self.dropped = []
+        self.patterns = ["Failed to load", "register_constant"]
+        if not torch.cuda.is_available():
+            self.patterns.append("Detected no triton")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith("Failed to load") or "register_constant" in message:
+        if any(pattern in message for pattern in self.patterns):
             self.dropped.append(message)
             return False
         return True
@@ -123,14 +129,15 @@ class _QuietTorchaoImport(logging.Filter):
 
 @functools.lru_cache(maxsize=None)
 def import_torchao():
-    """``torchao``, imported once, only when a quantized graph is asked for (never at webui start-up), with
-    its harmless start-up noise left out of the console (one debug line says what was left out)."""
+    """``torchao`` with its quantization API, imported once, only when a quantized graph is asked for (never at
+    webui start-up), with its harmless start-up noise left out of the console (one debug line says what)."""
     quiet = _QuietTorchaoImport()
-    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    loggers = [logging.getLogger(name) for name in quiet.LOGGERS]
     for each in loggers:
         each.addFilter(quiet)
     try:
         import torchao
+        import torchao.quantization  # noqa: F401  (its kernels module logs on import)
     finally:
         for each in loggers:
             each.removeFilter(quiet)

@@ -263,13 +263,13 @@ def test_torchao_is_imported_only_for_a_quantized_graph_and_quietly():
     import subprocess
     import sys
 
-    code = ("import sys; import compile, compile.graph_cache, compile.quantization as q;"
+    code = ("import logging, sys; logging.basicConfig(); import compile, compile.graph_cache, compile.quantization as q;"
             "assert 'torchao' not in sys.modules, 'imported at start-up';"
-            "assert q.torchao_installed(); q.import_torchao(); print('imported', 'torchao' in sys.modules)")
+            "assert q.torchao_installed(); q.import_torchao(); q._torchao_configs(); print('imported', 'torchao' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "imported True" in result.stdout
-    for noise in ("Failed to load", "register_constant"):
+    for noise in ("Failed to load", "register_constant", "Detected no triton"):  # this torch has no CUDA
         assert noise not in result.stderr, result.stderr
 
 
