@@ -75,20 +75,38 @@ def uses_cuda_graphs(mode: Optional[str], device: Any) -> bool:
     return torch.device(device).type == "cuda" and mode in CUDA_GRAPH_MODES
 
 
+# Inductor settings for a quantized graph only (passed to its torch.compile, never set process-wide, so float
+# graphs and their cache keys are untouched). torchao's int8 dynamic linear on CUDA is ``torch._int_mm`` followed
+# by a multiply with the row and weight scales; without this flag inductor writes the int32 product to memory
+# (twice the bytes of an fp16 output) and reads it back to scale it. With it, the multiply is fused into the
+# int8 GEMM's epilogue. Its pattern only matches CUDA tensors: elsewhere the flag changes nothing but the key.
+QUANTIZED_INDUCTOR_CONFIG = {"force_fuse_int_mm_with_mul": True}
+
+
 def _inductor_backend(torch_module, *, options: Optional[Dict[str, Any]] = None):
     """torch.compile with inductor. Never with inductor ``freezing``: it turns parameters into constants, and
-    then weights written in place (checkpoint switch, LoRA) are silently ignored by the graph."""
+    then weights written in place (checkpoint switch, LoRA) are silently ignored by the graph.
+
+    ``options["inductor_config"]``: inductor settings for this graph. torch.compile takes a mode or options,
+    not both, so the mode is then expanded into its options (``torch._inductor.list_mode_options``)."""
+    import torch._inductor
     import torch._inductor.config as inductor_config
 
     options = dict(options or {})
     if options.pop("freezing", False) or inductor_config.freezing:
         raise ValueError("inductor freezing bakes weights into the graph; in-place weight updates need it off")
+    mode, extra = options.get("mode"), options.get("inductor_config")
+    if extra:
+        mode_options = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else {}
+        compile_options = {"mode": None, "options": {**mode_options, **extra}}
+    else:
+        compile_options = {"mode": mode}
     return torch.compile(
         torch_module,
         backend="inductor",
-        mode=options.get("mode"),
         dynamic=options.get("dynamic"),
         fullgraph=bool(options.get("fullgraph", False)),
+        **compile_options,
     )
 
 
@@ -151,7 +169,8 @@ def compile_module(module: torch.nn.Module, backend: str, options: CompileOption
 
     if backend == INDUCTOR:
         _register_inductor()
-        backend_options = {"mode": options.mode, "dynamic": options.dynamic, "fullgraph": options.fullgraph}
+        backend_options = {"mode": options.mode, "dynamic": options.dynamic, "fullgraph": options.fullgraph,
+                           "inductor_config": QUANTIZED_INDUCTOR_CONFIG if options.quantization else None}
     else:
         backend_options = {"mode": options.mode} if options.mode else None
     return onediff_compile(module, backend=backend, options=backend_options)
