@@ -43,6 +43,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .backends import QUANTIZED_INDUCTOR_CONFIG
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -81,7 +83,7 @@ def device_description(device: str) -> Dict[str, Any]:
 
 def key_fields(key) -> Dict[str, Any]:
     """The full persistent key of a :class:`compile.graph_cache.GraphKey`, as JSON-able fields."""
-    return {
+    fields = {
         "format": FORMAT,
         "signature": key.signature,
         "backend": key.backend,
@@ -93,6 +95,9 @@ def key_fields(key) -> Dict[str, Any]:
         "onediff": _onediff_version(),
         "python": platform.python_version(),
     }
+    if key.options.quantization:  # the inductor settings it is compiled with (float graphs keep their old keys)
+        fields["inductor_config"] = QUANTIZED_INDUCTOR_CONFIG
+    return fields
 
 
 def key_digest(fields: Dict[str, Any]) -> str:

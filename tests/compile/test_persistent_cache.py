@@ -232,3 +232,11 @@ def test_size_and_clear(tmp_path):
     assert (removed, cache.size_bytes()) == (1, 0) and freed >= 8 * 256
     stored.save(first_call_s=1.0)  # a graph created before the clear does not write into the emptied cache
     assert cache.size_bytes() == 0 and cache.check(key_fields(key)).status == "miss"
+
+
+def test_a_quantized_graph_is_keyed_with_the_inductor_settings_it_is_compiled_with():
+    from compile.backends import QUANTIZED_INDUCTOR_CONFIG
+
+    float_key, int8_key = _tiny_key(), _tiny_key(options=CompileOptions(quantization="int8"))
+    assert "inductor_config" not in key_fields(float_key)  # keys of stored float graphs did not change
+    assert key_fields(int8_key)["inductor_config"] == QUANTIZED_INDUCTOR_CONFIG
