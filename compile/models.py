@@ -85,8 +85,18 @@ def unet_config(preset: str, **overrides: Any) -> Dict[str, Any]:
     return config
 
 
+def _import_diffusers_quietly() -> None:
+    """diffusers imports torchao when it is installed: import both without torchao's start-up noise."""
+    from .quantization import quiet_torchao_imports
+
+    with quiet_torchao_imports():
+        import diffusers  # noqa: F401
+        import diffusers.quantizers  # noqa: F401  (imports torchao's modules, when installed)
+
+
 def build_unet(config: Dict[str, Any], seed: int = 0, dtype=torch.float32, device="cpu"):
     """A diffusers UNet with deterministic random weights (same seed, same weights)."""
+    _import_diffusers_quietly()
     from diffusers import UNet2DConditionModel
 
     generator_state = torch.random.get_rng_state()
@@ -160,6 +170,7 @@ def load_checkpoint_unet(path: str, dtype=torch.float32, device="cpu") -> Tuple[
     The architecture comes from ``<name>.yaml`` beside the file when there is one (A1111's convention), else
     from the real SD1.5/SD2/SDXL configs chosen by the checkpoint's keys. Returns (unet, description).
     """
+    _import_diffusers_quietly()
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
     from safetensors.torch import load_file

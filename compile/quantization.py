@@ -52,6 +52,7 @@ LoRA hooks. Either of two ways reaches the int8 graph with 0 recompiles:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -105,17 +106,20 @@ class Int8Unavailable(RuntimeError):
 
 
 class _QuietTorchaoImport(logging.Filter):
-    """Drops the messages importing torchao prints that say nothing about this extension's schemes: optional
-    kernel libraries built for other devices (``Failed to load .../_C_mxfp8...so``, ``_C_cutlass_90a``), a
-    torch deprecation warning about torchao's own ``register_constant`` call and, with a CPU-only torch (which
-    never has Triton), ``Detected no triton``. Users read them as breakage."""
+    """Drops the messages importing torchao (or diffusers, which imports it) prints that say nothing about this
+    extension's schemes: optional kernel libraries built for other devices (``Failed to load .../_C_mxfp8...so``,
+    ``_C_cutlass_90a``), torch deprecation warnings about torchao's own ``register_constant`` calls, diffusers'
+    note that it cannot register old torchao tensor classes for loading torchao checkpoints and, with a CPU-only
+    torch (which never has Triton), ``Detected no triton``. Users read them as breakage."""
 
-    LOGGERS = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")  # a logger's filter misses its children
+    # a logger's filter misses the records of its children, so each logger that prints one is named
+    LOGGERS = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree",
+               "diffusers.quantizers.torchao.torchao_quantizer")
 
     def __init__(self) -> None:
         super().__init__()
         self.dropped = []
-        self.patterns = ["Failed to load", "register_constant"]
+        self.patterns = ["Failed to load", "register_constant", "Unable to import `torchao` Tensor objects"]
         if not torch.cuda.is_available():
             self.patterns.append("Detected no triton")
 
@@ -127,23 +131,31 @@ class _QuietTorchaoImport(logging.Filter):
         return True
 
 
-@functools.lru_cache(maxsize=None)
-def import_torchao():
-    """``torchao`` with its quantization API, imported once, only when a quantized graph is asked for (never at
-    webui start-up), with its harmless start-up noise left out of the console (one debug line says what)."""
+@contextlib.contextmanager
+def quiet_torchao_imports():
+    """Leave torchao's harmless import-time messages out of the console while importing torchao or diffusers
+    (one debug line says what was left out)."""
     quiet = _QuietTorchaoImport()
     loggers = [logging.getLogger(name) for name in quiet.LOGGERS]
     for each in loggers:
         each.addFilter(quiet)
     try:
-        import torchao
-        import torchao.quantization  # noqa: F401  (its kernels module logs on import)
+        yield
     finally:
         for each in loggers:
             each.removeFilter(quiet)
-    if quiet.dropped:
-        logger.debug("torchao %s: %d start-up message(s) left out (optional kernels for other devices, a "
-                     "deprecation warning): %s", torchao.__version__, len(quiet.dropped), quiet.dropped)
+        if quiet.dropped:
+            logger.debug("%d import message(s) left out (optional kernels for other devices, deprecation "
+                         "warnings): %s", len(quiet.dropped), quiet.dropped)
+
+
+@functools.lru_cache(maxsize=None)
+def import_torchao():
+    """``torchao`` with its quantization API, imported once, only when a quantized graph is asked for (never at
+    webui start-up), quietly (:func:`quiet_torchao_imports`)."""
+    with quiet_torchao_imports():
+        import torchao
+        import torchao.quantization  # noqa: F401  (its kernels module logs on import)
     return torchao
 
 

@@ -271,6 +271,11 @@ def test_torchao_is_imported_only_for_a_quantized_graph_and_quietly():
     assert "imported True" in result.stdout
     for noise in ("Failed to load", "register_constant", "Detected no triton"):  # this torch has no CUDA
         assert noise not in result.stderr, result.stderr
+    bench_code = ("import logging; logging.basicConfig(); from compile.models import build_preset;"
+                  "build_preset('tiny')")  # diffusers imports torchao too
+    result = subprocess.run([sys.executable, "-c", bench_code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and not any(noise in result.stderr for noise in ("Failed to load", "torchao")), \
+        result.stderr
 
 
 def test_fp8_is_refused_in_plain_words_where_torchao_has_no_float8_kernels():
