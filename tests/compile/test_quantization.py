@@ -6,6 +6,7 @@ Error metric everywhere: ``max |out - reference| / max |reference|`` (the bench'
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -276,6 +277,20 @@ def test_torchao_is_imported_only_for_a_quantized_graph_and_quietly():
     result = subprocess.run([sys.executable, "-c", bench_code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and not any(noise in result.stderr for noise in ("Failed to load", "torchao")), \
         result.stderr
+
+
+def test_compiling_a_quantized_module_leaves_torchs_subclass_hash_warning_out(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import torch, compile.quantization as q; q.import_torchao();"
+            "from torchao.quantization import quantize_, Int8DynamicActivationInt8WeightConfig as Config;"
+            "layer = torch.nn.Sequential(torch.nn.Linear(64, 64)); quantize_(layer, Config(set_inductor_config=False));"
+            "torch.no_grad().__enter__(); torch.compile(layer)(torch.randn(8, 64)); print('compiled')")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))  # a cold compile, which hashes the subclass
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr
+    assert "_stable_hash_for_caching" not in result.stderr, result.stderr
 
 
 def test_fp8_is_refused_in_plain_words_where_torchao_has_no_float8_kernels():
