@@ -89,9 +89,13 @@ def test_a_moved_module_is_counted(replaying_entry):
     inputs.call(entry.unet)
     inputs.call(entry.unet)
     assert entry.moves_after_capture == 0
-    entry.module.double().float()  # re-allocates every tensor, as moving to the CPU and back does
+    # re-allocates every tensor, as moving to the CPU and back does; the old storage is held so that the
+    # allocator cannot hand the same address back (which a real move may do, and which then needs no re-record)
+    old_storage = [parameter.data for parameter in entry.module.parameters()]
+    entry.module.double().float()
     inputs.call(entry.unet)
     inputs.call(entry.unet)
+    del old_storage  # held until the calls had seen the new addresses
     assert entry.moves_after_capture == 1
     assert entry.describe()["moves_after_capture"] == 1 and entry.describe()["cuda_graphs"] is True
 
