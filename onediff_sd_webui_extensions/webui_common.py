@@ -70,6 +70,42 @@ def read_settings() -> Settings:
     )
 
 
+def announce_first_call(entry) -> None:
+    """Say on the console, before the long silent first call, that a graph is being built and for how long."""
+    expected = f"; took about {entry.expected_s:.0f} s last time" if entry.expected_s else ""
+    if entry.cache_hit:
+        what = "loading a compiled graph from the compile cache"
+    else:
+        problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
+        what = f"compiling a new graph with {entry.key.backend}, once per UNet structure and size{problem}"
+    print(f"OneDiff: {what} {entry.signature.short()}{expected} ...", flush=True)
+
+
+# Graphs one UNet structure may need: its image sizes, batch sizes (A1111 runs cond and uncond apart when their
+# lengths differ), context lengths and hires fix's second size.
+GRAPHS_PER_STRUCTURE = 8
+
+
+def ensure_recompile_limit(max_graphs: int) -> int:
+    """Raise dynamo's recompile limit to what the graph cache may legitimately hold, and return it.
+
+    torch keeps config overrides in a context variable, and the webui runs each API request in a copied
+    context, so this is set at the start of every job, in the thread that compiles.
+
+    Dynamo keeps its compiled graphs per *code object*, and every ldm/sgm UNet runs A1111's one
+    ``sd_unet.UNetModel_forward`` (every diffusers UNet ``UNet2DConditionModel.forward``): all structures and
+    all shapes share one list of at most ``recompile_limit`` (8) graphs, after which dynamo silently runs
+    eagerly. Measured in the webui: a 64x64 graph, its hires size,
+    a 154-token prompt (two batch-1 graphs) and a second structure already make 6.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    wanted = GRAPHS_PER_STRUCTURE * max(1, int(max_graphs))
+    if dynamo_config.recompile_limit < wanted:
+        dynamo_config.recompile_limit = wanted
+    return dynamo_config.recompile_limit
+
+
 def on_ui_settings():
     section = ("onediff", "OneDiff")
     options = {
@@ -103,8 +139,9 @@ def on_ui_settings():
             False, "Clear the compile cache when these settings are applied", onchange=clear_compile_cache,
             section=section,
         ),
-        "onediff_compile_cache_size": _LiveHTML(compile_cache_html, section),
     }
+    if hasattr(shared, "OptionHTML"):  # A1111; SD.Next has no HTML settings line (its status route shows the cache)
+        options["onediff_compile_cache_size"] = _live_html(compile_cache_html, section)
     for key, info in options.items():
         shared.opts.add_option(key, info)
 
@@ -132,13 +169,12 @@ def clear_compile_cache() -> None:
     shared.opts.data[OPTION_CLEAR_CACHE] = False
 
 
-class _LiveHTML(shared.OptionHTML):
+def _live_html(render, section):
     """A settings line whose HTML is computed on every page load (gradio calls a callable value)."""
-
-    def __init__(self, render, section):
-        super().__init__("")
-        self.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info")
-        self.section = section
+    option = shared.OptionHTML("")
+    option.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info")
+    option.section = section
+    return option
 
 
 def on_app_started(_demo, app):

@@ -30,7 +30,7 @@ from modules import devices, processing, sd_unet, shared
 from . import a1111_attention, a1111_lora
 from .unet_swap import EagerUNetView
 from .state import STATE, JobRecord, ScriptArgs
-from .webui_common import quantization_unavailable, read_settings
+from .webui_common import announce_first_call, ensure_recompile_limit, quantization_unavailable, read_settings
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
 INFO_KEY = "OneDiff"
@@ -272,41 +272,6 @@ class CompiledSampling:
                 job.notices.append("CUDA graphs re-recorded: the compiled graph's weights were moved to other "
                                    "addresses")
         self.p.extra_generation_params[INFO_KEY] = job.info_text()
-
-
-def announce_first_call(entry) -> None:
-    """Say on the console, before the long silent first call, that a graph is being built and for how long."""
-    expected = f"; took about {entry.expected_s:.0f} s last time" if entry.expected_s else ""
-    if entry.cache_hit:
-        what = "loading a compiled graph from the compile cache"
-    else:
-        problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
-        what = f"compiling a new graph with {entry.key.backend}, once per UNet structure and size{problem}"
-    print(f"OneDiff: {what} {entry.signature.short()}{expected} ...", flush=True)
-
-
-# Graphs one UNet structure may need: its image sizes, batch sizes (A1111 runs cond and uncond apart when their
-# lengths differ), context lengths and hires fix's second size.
-GRAPHS_PER_STRUCTURE = 8
-
-
-def ensure_recompile_limit(max_graphs: int) -> int:
-    """Raise dynamo's recompile limit to what the graph cache may legitimately hold, and return it.
-
-    torch keeps config overrides in a context variable, and the webui runs each API request in a copied
-    context, so this is set at the start of every job, in the thread that compiles.
-
-    Dynamo keeps its compiled graphs per *code object*, and every ldm/sgm UNet runs A1111's one
-    ``sd_unet.UNetModel_forward``: all structures and all shapes share one list of at most ``recompile_limit``
-    (8) graphs, after which dynamo silently runs eagerly. Measured in the webui: a 64x64 graph, its hires size,
-    a 154-token prompt (two batch-1 graphs) and a second structure already make 6.
-    """
-    import torch._dynamo.config as dynamo_config
-
-    wanted = GRAPHS_PER_STRUCTURE * max(1, int(max_graphs))
-    if dynamo_config.recompile_limit < wanted:
-        dynamo_config.recompile_limit = wanted
-    return dynamo_config.recompile_limit
 
 
 def process_images(p, script_args: ScriptArgs):

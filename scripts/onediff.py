@@ -1,8 +1,9 @@
-"""A1111 entry point: the selectable script "onediff_diffusion_model" (txt2img and img2img).
+"""Webui entry point: the selectable script "onediff_diffusion_model" (txt2img and img2img), in AUTOMATIC1111's
+webui and in SD.Next.
 
-Thin on purpose: argument parsing and state are in ``onediff_sd_webui_extensions.state``, the UNet swap, the
-the UNet swap in ``onediff_sd_webui_extensions.webui_hooks``, the settings and the status route in
-``onediff_sd_webui_extensions.webui_common``.
+Thin on purpose: argument parsing and state are in ``onediff_sd_webui_extensions.state``, the settings and the
+status route in ``onediff_sd_webui_extensions.webui_common``, and the job itself in the host's module
+(``webui_hooks`` for A1111, ``sdnext_hooks`` for SD.Next; ``hosts`` picks it).
 """
 
 import html
@@ -17,8 +18,11 @@ if _EXTENSION_ROOT not in sys.path:
 import gradio as gr  # noqa: E402
 from modules import script_callbacks, scripts  # noqa: E402
 
-from onediff_sd_webui_extensions import webui_common, webui_hooks  # noqa: E402
+from onediff_sd_webui_extensions import hosts, webui_common  # noqa: E402
 from onediff_sd_webui_extensions.state import SCRIPT_TITLE, STATE, ScriptArgs  # noqa: E402
+
+HOST = hosts.detect()
+job_hooks = hosts.job_hooks(HOST)
 
 
 def _status_html() -> str:
@@ -44,10 +48,11 @@ class Script(scripts.Script):
         return [quantization]
 
     def run(self, p, *args):
-        return webui_hooks.process_images(p, ScriptArgs.parse(list(args)))
+        return job_hooks.process_images(p, ScriptArgs.parse(list(args)))
 
 
 webui_common.apply_cache_dir()
 script_callbacks.on_ui_settings(webui_common.on_ui_settings)
 script_callbacks.on_app_started(webui_common.on_app_started)
-script_callbacks.on_cfg_denoiser(webui_hooks.on_cfg_denoiser)
+if HOST == hosts.A1111:
+    script_callbacks.on_cfg_denoiser(job_hooks.on_cfg_denoiser)  # the refiner switches models between steps
