@@ -22,7 +22,7 @@ import traceback
 from typing import Optional, Tuple
 
 from compile import BackendUnavailable, compiled_graph_count, graph_break_count
-from modules import processing, processing_diffusers, shared
+from modules import processing, shared
 
 from .state import STATE, JobRecord, ScriptArgs
 from .unet_router import UNetRouter
@@ -151,6 +151,8 @@ class CompiledBatch:
 
 def process_images(p, script_args: ScriptArgs):
     """``processing.process_images(p)`` with the UNet routed to its compiled graph around every batch."""
+    from modules import processing_diffusers  # not at start-up: importing it reads shared.sd_model (a model load)
+
     STATE.apply_settings(read_settings())
     STATE.dynamo_recompile_limit = ensure_recompile_limit(STATE.settings.max_graphs)
     job = STATE.start_job()
