@@ -1,10 +1,16 @@
-"""A client for a running webui, used by the integration tests (JSON over urllib, images as arrays)."""
+"""A client for a running webui, used by the integration tests of both hosts (JSON over urllib, images as
+arrays), and starting and stopping one on loopback."""
 
 import base64
 import io
 import json
+import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
+
+import pytest
 
 
 class WebUI:
@@ -48,3 +54,35 @@ class WebUI:
         status, answer = self.request("/onediff/v1/status")
         assert status == 200, answer
         return answer
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(server, timeout_s, what="the webui"):
+    """Return once ``server`` answers its model list; fail with the log's tail if it exits or times out."""
+    deadline = time.time() + timeout_s
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(f"{what} exited with {server.process.returncode}\n{server.log_tail()}")
+        try:
+            status, _ = server.request("/sdapi/v1/sd-models", timeout=10)
+            if status == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, socket.timeout):
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"{what} did not answer within {timeout_s} s\n{server.log_tail()}")
+        time.sleep(2)
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
