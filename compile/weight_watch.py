@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, List, Tuple
+from itertools import repeat
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .weights import tensors_by_name
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -74,74 +78,101 @@ class WeightWatch:
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
+        # Parallel lists, so that the quick check runs as C-level map()s over them: tensor slots (the owning module's _parameters/_buffers and the key),
+        # slots that held None (a bias-less layer's "bias"), every table and its size, every submodule slot.
         self._names: List[str] = []
-        self._slots: List[Tuple[dict, str]] = []  # (the owning module's _parameters or _buffers, key)
-        self._empty_slots: List[Tuple[dict, str, str]] = []  # slots holding None (a bias-less layer's "bias")
-        self._tables: List[Tuple[dict, int, str]] = []  # every watched table, its size, its module's prefix
-        self._children: List[Tuple[dict, str, torch.nn.Module]] = []  # submodule slots and what they held
+        self._tables: List[dict] = []
+        self._keys: List[str] = []
+        self._empty: List[Tuple[dict, str, str]] = []
+        self._all_tables: List[Tuple[dict, str]] = []  # with its module's prefix
+        self._child_tables: List[dict] = []
+        self._child_keys: List[str] = []
+        self._children: List[torch.nn.Module] = []
         for qualified_name, sub in module.named_modules(remove_duplicate=False):
             prefix = f"{qualified_name}." if qualified_name else ""
-            self._children.extend((sub._modules, key, child) for key, child in sub._modules.items())
+            for key, child in sub._modules.items():
+                self._child_tables.append(sub._modules)
+                self._child_keys.append(key)
+                self._children.append(child)
             for table in (sub._parameters, sub._buffers):
-                self._tables.append((table, len(table), prefix))
+                self._all_tables.append((table, prefix))
                 for key, tensor in table.items():
                     if tensor is None:
-                        self._empty_slots.append((table, key, prefix + key))
+                        self._empty.append((table, key, prefix + key))
                     else:
                         self._names.append(prefix + key)
-                        self._slots.append((table, key))
+                        self._tables.append(table)
+                        self._keys.append(key)
+        self._table_list = [table for table, _ in self._all_tables]
+        self._sizes = [len(table) for table in self._table_list]
+        self._empty_tables = [table for table, _, _ in self._empty]
+        self._empty_keys = [key for _, key, _ in self._empty]
         self._tensors: List[torch.Tensor] = []
-        self._pointers: List[int] = []
-        self._versions: List[int] = []
+        self._state: Tuple[List[int], List[int]] = ([], [])
         self.snapshot()
 
-    def _current(self) -> List[torch.Tensor]:
-        return [table.get(key) for table, key in self._slots]
+    def _current(self) -> List[Optional[torch.Tensor]]:
+        return list(map(dict.get, self._tables, self._keys))
+
+    @staticmethod
+    def _pointers_and_versions(tensors: List[Optional[torch.Tensor]]) -> Tuple[List[int], List[int]]:
+        try:
+            return list(map(torch.Tensor.data_ptr, tensors)), list(map(_VERSION, tensors))
+        except (RuntimeError, TypeError):  # an inference-mode tensor (no version counter) or an emptied slot
+            return ([t.data_ptr() if t is not None else 0 for t in tensors],
+                    [_version(t) if t is not None else 0 for t in tensors])
 
     def snapshot(self) -> None:
         """Remember the current tensors as the ones the graph has."""
         self._tensors = self._current()
-        self._pointers = [t.data_ptr() if t is not None else 0 for t in self._tensors]
-        self._versions = [_version(t) if t is not None else 0 for t in self._tensors]
+        self._state = self._pointers_and_versions(self._tensors)
+
+    def _unchanged(self, current: List[Optional[torch.Tensor]]) -> bool:
+        return (not any(map(operator.is_not, current, self._tensors))
+                and list(map(len, self._table_list)) == self._sizes
+                and all(map(operator.is_, map(dict.get, self._empty_tables, self._empty_keys), repeat(None)))
+                and all(map(operator.is_, map(dict.get, self._child_tables, self._child_keys), self._children))
+                and self._pointers_and_versions(current) == self._state)
 
     def _added(self) -> List[str]:
         """Tensors in slots that held none (a bias assigned to a bias-less layer) or under new keys."""
-        added = [name for table, key, name in self._empty_slots if table.get(key) is not None]
-        for table, size, prefix in self._tables:
+        added = [name for table, key, name in self._empty if table.get(key) is not None]
+        known = {(id(table), key) for table, key in zip(self._tables, self._keys)}
+        known.update((id(table), key) for table, key, _ in self._empty)
+        for (table, prefix), size in zip(self._all_tables, self._sizes):
             if len(table) != size:
-                known = {key for slot_table, key in self._slots if slot_table is table}
-                known.update(key for slot_table, key, _ in self._empty_slots if slot_table is table)
-                added.extend(prefix + key for key, value in table.items() if key not in known and value is not None)
+                added.extend(prefix + key for key, value in table.items()
+                             if (id(table), key) not in known and value is not None)
         return added
 
     def _replaced_modules(self) -> List[str]:
         """Submodule slots holding another module (a LoRA implementation that wraps layers): the graph was
         traced through the old one."""
-        if not any(table.get(key) is not child for table, key, child in self._children):
+        replaced = [(table, key) for table, key, child in zip(self._child_tables, self._child_keys, self._children)
+                    if table.get(key) is not child]
+        if not replaced:
             return []
         names = {id(child): name for name, child in self.module.named_modules(remove_duplicate=False)}
-        return [names.get(id(table.get(key)), key) for table, key, child in self._children
-                if table.get(key) is not child]
+        return [names.get(id(table.get(key)), key) for table, key in replaced]
 
     def quick_changes(self) -> WeightChanges:
         """Slots holding another tensor object (or none), or whose tensor points at other memory or was
         written in place; reads no tensor data."""
         current = self._current()
+        if self._unchanged(current):
+            return WeightChanges()
         changes = WeightChanges(added=self._added(), replaced_modules=self._replaced_modules())
-        if any(map(operator.is_not, current, self._tensors)):
-            for name, now, then in zip(self._names, current, self._tensors):
-                if now is None:
-                    changes.removed.append(name)
-                elif now is not then:
-                    changes.changed.append(name)
-        pointers = [t.data_ptr() if t is not None else 0 for t in current]
-        versions = [_version(t) if t is not None else 0 for t in current]
-        if pointers != self._pointers or versions != self._versions:
-            listed = set(changes.changed) | set(changes.removed)
-            changes.changed.extend(
-                name for name, pointer, then_pointer, version, then_version
-                in zip(self._names, pointers, self._pointers, versions, self._versions)
-                if (pointer, version) != (then_pointer, then_version) and name not in listed)
+        for name, now, then in zip(self._names, current, self._tensors):
+            if now is None:
+                changes.removed.append(name)
+            elif now is not then:
+                changes.changed.append(name)
+        pointers, versions = self._pointers_and_versions(current)
+        listed = set(changes.changed) | set(changes.removed)
+        changes.changed.extend(
+            name for name, pointer, then_pointer, version, then_version
+            in zip(self._names, pointers, self._state[0], versions, self._state[1])
+            if (pointer, version) != (then_pointer, then_version) and name not in listed)
         return changes
 
     @torch.no_grad()
