@@ -113,7 +113,7 @@ class UNetRouter:
         if self.failed is None:
             try:
                 self.sync_weights()
-                output = self.lookup.unet(*args, **kwargs)
+                output = self.lookup.unet(*_contiguous_sample(args, kwargs), **kwargs)
                 self.compiled_calls += 1
                 return output
             except UNetStructureChanged as error:
@@ -132,3 +132,17 @@ class UNetRouter:
         if reason not in self.job.notices:
             self.job.notices.append(reason)
         logger.warning("OneDiff: generating eagerly from here: %s", reason)
+
+
+def _contiguous_sample(args: tuple, kwargs: dict) -> tuple:
+    """The call's arguments with the latent ``sample`` in the default memory layout (``kwargs`` updated in place).
+
+    SD.Next's img2img latents come from the VAE encoder in channels-last layout; dynamo guards on strides, so
+    they would cost a second graph for the same sizes (measured in SD.Next: "stride mismatch at index 1"). The
+    copy is one latent per call."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    sample = kwargs.get("sample")
+    if isinstance(sample, torch.Tensor) and not sample.is_contiguous():
+        kwargs["sample"] = sample.contiguous()
+    return args

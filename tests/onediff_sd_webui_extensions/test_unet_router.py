@@ -60,6 +60,19 @@ def test_calls_go_to_the_compiled_graph_and_match_eager(routed, tiny_sd15):
     assert (output - eager(unet, tiny_sd15.inputs)).abs().max().item() <= TOLERANCE
 
 
+def test_channels_last_latents_are_served_by_the_same_graph(routed, tiny_sd15):
+    """SD.Next's img2img latents arrive channels-last; dynamo would compile another graph for the strides."""
+    unet, router, _ = routed
+    inputs = tiny_sd15.inputs
+    channels_last = inputs.sample.to(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()
+    with count_new_graphs() as counted:
+        output = unet(channels_last, inputs.timestep, encoder_hidden_states=inputs.encoder_hidden_states,
+                      return_dict=False)[0]
+    assert counted.new_graphs == 0 and router.compiled_calls == 1
+    assert (output - eager(unet, inputs)).abs().max().item() <= TOLERANCE
+
+
 def test_replaced_parameters_reach_the_graph_and_removal_restores_exactly(routed, tiny_sd15):
     unet, router, job = routed
     inputs = tiny_sd15.inputs
