@@ -19,17 +19,23 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Optional, Tuple
+from typing import Optional
 
-from compile import BackendUnavailable, compiled_graph_count, graph_break_count
+from compile import compiled_graph_count, graph_break_count
 from modules import processing, shared
 
 from .state import STATE, JobRecord, ScriptArgs
 from .unet_router import UNetRouter
-from .webui_common import announce_first_call, ensure_recompile_limit, quantization_unavailable, read_settings
+from .webui_common import (
+    INFO_KEY,
+    announce_first_call,
+    compiled_unet_lookup,
+    ensure_recompile_limit,
+    quantization_unavailable,
+    read_settings,
+)
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
-INFO_KEY = "OneDiff"
 
 
 def current_pipeline():
@@ -77,26 +83,13 @@ class CompiledBatch:
             return ""
         return request
 
-    def _lookup(self, unet) -> Tuple[Optional[object], Optional[str]]:
-        try:
-            lookup = STATE.cache.get(unet, STATE.settings.backend,
-                                     STATE.settings.compile_options(self._quantization()))
-        except BackendUnavailable as error:
-            return None, str(error)
-        except Exception as error:  # noqa: BLE001
-            logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
-            return None, f"compile failed ({type(error).__name__}: {error})"
-        if lookup.entry.key in STATE.failed_graphs:
-            return None, f"this graph failed before: {STATE.failed_graphs[lookup.entry.key]}"
-        return lookup, None
-
     def start(self) -> None:
         """Route the current pipeline's UNet to its graph; on any obstacle the batch runs eagerly, noted."""
         pipeline = current_pipeline()
         reason = eager_reason(pipeline)
         lookup = None
         if reason is None:
-            lookup, reason = self._lookup(pipeline.unet)
+            lookup, reason = compiled_unet_lookup(pipeline.unet, self._quantization())
         if lookup is not None:
             try:
                 self._route(pipeline.unet, lookup)

@@ -6,11 +6,14 @@ the job logic is per host (``webui_hooks`` for A1111).
 from __future__ import annotations
 
 import html
+import logging
 import os
+import traceback
 from typing import Optional
 
 import gradio as gr
 
+from compile import BackendUnavailable
 from compile.persistent_cache import PersistentCache
 from modules import devices, shared
 
@@ -36,6 +39,8 @@ from .state import (
     read_quantization_speed_file,
 )
 
+logger = logging.getLogger("onediff_sd_webui_extensions")
+INFO_KEY = "OneDiff"  # the job's line in the image's generation parameters
 
 def quantization_unavailable(request: str) -> Optional[str]:
     """None when ``request`` (int8 or fp8) runs on the webui's device and UNet dtype, else why not. Imports
@@ -68,6 +73,21 @@ def read_settings() -> Settings:
         max_graphs=int(opts.data.get(OPTION_MAX_GRAPHS, defaults.max_graphs) or defaults.max_graphs),
         quantization=str(opts.data.get(OPTION_QUANTIZATION, defaults.quantization) or defaults.quantization),
     )
+
+
+def compiled_unet_lookup(unet, quantization: str = ""):
+    """(the graph cache's lookup for ``unet`` under the current settings, None) or (None, why the job runs
+    eagerly): a backend that cannot run here, a compile that could not be prepared, a graph that failed before."""
+    try:
+        lookup = STATE.cache.get(unet, STATE.settings.backend, STATE.settings.compile_options(quantization))
+    except BackendUnavailable as error:
+        return None, str(error)
+    except Exception as error:  # noqa: BLE001
+        logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
+        return None, f"compile failed ({type(error).__name__}: {error})"
+    if lookup.entry.key in STATE.failed_graphs:
+        return None, f"this graph failed before: {STATE.failed_graphs[lookup.entry.key]}"
+    return lookup, None
 
 
 def announce_first_call(entry) -> None:

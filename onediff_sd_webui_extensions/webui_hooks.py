@@ -24,16 +24,22 @@ from typing import Any, List, Optional
 
 import torch
 
-from compile import BackendUnavailable, CompileOptions, compiled_graph_count, graph_break_count
+from compile import CompileOptions, compiled_graph_count, graph_break_count
 from modules import devices, processing, sd_unet, shared
 
 from . import a1111_attention, a1111_lora
 from .unet_swap import EagerUNetView
 from .state import STATE, JobRecord, ScriptArgs
-from .webui_common import announce_first_call, ensure_recompile_limit, quantization_unavailable, read_settings
+from .webui_common import (
+    INFO_KEY,
+    announce_first_call,
+    compiled_unet_lookup,
+    ensure_recompile_limit,
+    quantization_unavailable,
+    read_settings,
+)
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
-INFO_KEY = "OneDiff"
 
 
 _NOT_APPLIED_YET = object()  # equal to no networks fingerprint: the first call of a job always applies
@@ -192,17 +198,7 @@ class CompiledSampling:
 
     def _lookup(self, sd_model):
         """(the compiled UNet's lookup for ``sd_model``, None) or (None, why it runs eagerly)."""
-        try:
-            lookup = STATE.cache.get(sd_model.model.diffusion_model, self.settings.backend,
-                                     self.settings.compile_options(self.quantization))
-        except BackendUnavailable as error:
-            return None, str(error)
-        except Exception as error:  # noqa: BLE001
-            logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
-            return None, f"compile failed ({type(error).__name__}: {error})"
-        if lookup.entry.key in STATE.failed_graphs:
-            return None, f"this graph failed before: {STATE.failed_graphs[lookup.entry.key]}"
-        return lookup, None
+        return compiled_unet_lookup(sd_model.model.diffusion_model, self.quantization)
 
     def _swap_in(self, sd_model, lookup) -> None:
         entry = lookup.entry

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from .webui_server import WebUI, free_port, stop, wait_until_serving
+from .webui_server import WebUI, checkout_from_env, free_port, stop, wait_until_serving
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,12 +23,7 @@ STARTUP_TIMEOUT_S = 600
 
 
 def _webui_dir():
-    folder = os.environ.get("WEBUI_DIR")
-    if not folder:
-        pytest.skip("WEBUI_DIR is not set: these tests run the real AUTOMATIC1111 webui v1.10.1 (see README)")
-    if not os.path.isfile(os.path.join(folder, "launch.py")):
-        pytest.fail(f"WEBUI_DIR={folder} is not a stable-diffusion-webui checkout (no launch.py)")
-    return folder
+    return checkout_from_env("WEBUI_DIR", "launch.py", "AUTOMATIC1111 webui v1.10.1 (stable-diffusion-webui)")
 
 
 @pytest.fixture(scope="session")

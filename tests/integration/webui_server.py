@@ -4,6 +4,7 @@ arrays), and starting and stopping one on loopback."""
 import base64
 import io
 import json
+import os
 import socket
 import subprocess
 import time
@@ -54,6 +55,16 @@ class WebUI:
         status, answer = self.request("/onediff/v1/status")
         assert status == 200, answer
         return answer
+
+
+def checkout_from_env(variable, marker, what):
+    """The folder the environment variable names; skip (unset) or fail (no ``marker`` file in it) with why."""
+    folder = os.environ.get(variable)
+    if not folder:
+        pytest.skip(f"{variable} is not set: these tests run the real {what} (see README)")
+    if not os.path.isfile(os.path.join(folder, marker)):
+        pytest.fail(f"{variable}={folder} is not a {what} checkout (no {marker})")
+    return folder
 
 
 def free_port():

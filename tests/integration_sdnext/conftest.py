@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from integration.webui_server import WebUI, free_port, stop, wait_until_serving
+from integration.webui_server import WebUI, checkout_from_env, free_port, stop, wait_until_serving
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,12 +23,8 @@ STARTUP_TIMEOUT_S = 600
 
 
 def _sdnext_dir():
-    folder = os.environ.get("SDNEXT_DIR")
-    if not folder:
-        pytest.skip("SDNEXT_DIR is not set: these tests run the real SD.Next (vladmandic/sdnext, see README)")
-    if not os.path.isfile(os.path.join(folder, "modules", "processing_diffusers.py")):
-        pytest.fail(f"SDNEXT_DIR={folder} is not an SD.Next checkout (no modules/processing_diffusers.py)")
-    return folder
+    return checkout_from_env("SDNEXT_DIR", os.path.join("modules", "processing_diffusers.py"),
+                             "SD.Next (vladmandic/sdnext, diffusers backend)")
 
 
 @pytest.fixture(scope="session")

@@ -14,24 +14,14 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integration"))
+from tiny_checkpoints import bytes_to_unicode  # noqa: E402  (the A1111 tests' CLIP byte alphabet)
+
 SD15 = {"tiny_sd15_a": 1, "tiny_sd15_b": 2}
 SDXL = "tiny_sdxl"
 # SD.Next computes SDXL's pooled text embedding only when the last text encoder is wider than 768
 # (modules/prompt_parser_diffusers.py); narrower, its own eager job fails ("pooled_prompt_embeds").
 SDXL_TE2_WIDTH = 800
-
-
-def bytes_to_unicode():
-    """GPT-2/CLIP's byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def tokenizer(folder):
