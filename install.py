@@ -16,6 +16,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TORCH_SPEC = "torch==2.13.0"
+_PACKAGING_TOOLS = {"pip", "setuptools", "wheel"}
 
 
 def requirements(include_test=False, in_webui=False):
@@ -67,14 +68,19 @@ def _pin_torch_file(pin_everything=False):
     With ``pin_everything`` (inside the webui) it holds every installed distribution at its version: unpinned,
     the newest diffusers pulls huggingface-hub 1.x, which pulls transformers 5 and pydantic 2 and breaks
     A1111 v1.10.1 (transformers 4.30.2, fastapi 0.94); pinned, pip picks the versions that fit instead.
+
+    The packaging tools are not pinned: SD.Next's venv holds setuptools 69.5.1 under a torch 2.13 that requires
+    setuptools >= 77, and pip then found no solution for anything that depends on torch (measured with
+    ``pip install --dry-run``). setuptools stays below 82, which removed ``pkg_resources`` (A1111 imports it).
     """
     if pin_everything:
-        pins = {dist.metadata["Name"]: dist.version for dist in importlib.metadata.distributions()
-                if dist.metadata["Name"]}
+        pins = {dist.metadata["Name"]: f"=={dist.version}" for dist in importlib.metadata.distributions()
+                if dist.metadata["Name"] and dist.metadata["Name"].lower() not in _PACKAGING_TOOLS}
+        pins["setuptools"] = "<82"
     else:
-        pins = {"torch": importlib.metadata.version("torch")}
+        pins = {"torch": f"=={importlib.metadata.version('torch')}"}
     pin = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
-    pin.write("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
+    pin.write("".join(f"{name}{version}\n" for name, version in sorted(pins.items())))
     pin.close()
     return pin.name
 

@@ -35,7 +35,7 @@ from .counters import RecompileLimitWatcher, compiled_graph_count
 from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
 from .step_times import StepTimes, input_shape
-from .weights import BindReport, aliasing_clone, bind_weights
+from .weights import BindReport, aliasing_clone, bind_weights, give_own_storage
 
 
 class FloatBinding:
@@ -285,6 +285,8 @@ class GraphCache:
                 entry.reuses += 1
                 self.reuses += 1
                 return Lookup(entry.unet, entry, True, report.bind_ms, report.copied)
+            if not key.options.quantization:  # a float graph aliases the module's storage: it must be its own
+                give_own_storage(module, [other.module for other in self._entries.values()])
             binding = binding_for(key.options, module)
             stored = self.persistent.open(key) if self.persistent is not None else None
             compiled = compile_module(binding.template, key.backend, key.options)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 
@@ -121,6 +121,23 @@ def bind_weights(
             swapped += 1
         _point_at(source, name, tensor, target.detach())
     return BindReport(copied=copied, swapped=swapped, bind_ms=(time.perf_counter() - start) * 1000.0)
+
+
+@torch.no_grad()
+def give_own_storage(module: torch.nn.Module, captured: Iterable[torch.nn.Module]) -> int:
+    """Move ``module``'s tensors that read any of ``captured``'s storage into storage of their own (same values),
+    and return how many moved.
+
+    A module bound to one graph reads that graph's storage; a second graph traced from it (other compile
+    options, say) would alias the same storage, and a later bind into either graph would change the weights
+    the other one serves. Giving the module its own copy first keeps every graph's storage private."""
+    taken = {(t.device, t.data_ptr()) for other in captured for t in tensors_by_name(other).values()}
+    moved = 0
+    for name, tensor in tensors_by_name(module).items():
+        if (tensor.device, tensor.data_ptr()) in taken:
+            _point_at(module, name, tensor, tensor.detach().clone())
+            moved += 1
+    return moved
 
 
 def data_pointers(module: torch.nn.Module) -> Dict[str, int]:

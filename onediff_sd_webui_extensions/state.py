@@ -3,7 +3,7 @@
 The txt2img and img2img tabs each create their own ``Script`` instance, but there is one UNet in memory and one
 set of compiled graphs, so the graph cache, the settings and the counters live in a single
 :class:`OneDiffState` (``STATE``) that both instances and the status route read. Nothing here imports the
-webui: the pieces that do are in ``webui_hooks.py``.
+webui: the pieces that do are in ``webui_common.py`` and ``webui_hooks.py``.
 """
 
 from __future__ import annotations

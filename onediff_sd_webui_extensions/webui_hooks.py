@@ -1,4 +1,4 @@
-"""The part that knows A1111: swap the compiled UNet in for a job, settings, the status route.
+"""The part that knows A1111: swap the compiled UNet in for a job (settings and the status route: ``webui_common``).
 
 Imported only inside the webui (it imports ``modules.*``). All state is in ``state.STATE``.
 
@@ -18,79 +18,28 @@ selected we stay eager.
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
-import os
 import traceback
 from typing import Any, List, Optional
 
-import gradio as gr
 import torch
 
-from compile import BackendUnavailable, CompileOptions, compiled_graph_count, graph_break_count
-from compile.persistent_cache import PersistentCache
+from compile import CompileOptions, compiled_graph_count, graph_break_count
 from modules import devices, processing, sd_unet, shared
 
-from . import a1111_attention, a1111_lora, api_form
+from . import a1111_attention, a1111_lora
 from .unet_swap import EagerUNetView
-from .state import (
-    BACKEND_CHOICES,
-    COMPILE_MODE_CHOICES,
-    DEFAULT_CACHE_DIR,
-    OPTION_BACKEND,
-    OPTION_CACHE_DIR,
-    OPTION_CLEAR_CACHE,
-    OPTION_COMPILE_MODE,
-    OPTION_DYNAMIC,
-    OPTION_MAX_GRAPHS,
-    OPTION_QUANTIZATION,
-    QUANTIZATION_CHOICES,
-    QUANTIZATION_SPEED_FILE,
-    SCRIPT_TITLE,
-    STATE,
-    JobRecord,
-    ScriptArgs,
-    Settings,
-    device_name,
-    quantization_checkbox as quantization_checkbox_text,
-    read_quantization_speed_file,
+from .state import STATE, JobRecord, ScriptArgs
+from .webui_common import (
+    INFO_KEY,
+    announce_first_call,
+    compiled_unet_lookup,
+    ensure_recompile_limit,
+    quantization_unavailable,
+    read_settings,
 )
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
-INFO_KEY = "OneDiff"
-
-
-def quantization_unavailable(request: str) -> Optional[str]:
-    """None when ``request`` (int8 or fp8) runs on the webui's device and UNet dtype, else why not. Imports
-    torchao (the first quantized job does; start-up does not)."""
-    from compile.quantization import int8_availability
-
-    return int8_availability(devices.device, request, devices.dtype_unet)
-
-
-def quantization_checkbox() -> dict:
-    """The checkbox's label, info and interactivity (``state.quantization_checkbox``), without importing
-    torchao: start-up stays quiet and fast; whether the scheme's kernels run is checked by the first job."""
-    from compile.quantization import torchao_installed
-
-    settings = read_settings()
-    device = device_name(str(devices.device))
-    measured = read_quantization_speed_file(os.path.join(settings.cache_dir, QUANTIZATION_SPEED_FILE)).get(device) \
-        if settings.cache_dir else None
-    return quantization_checkbox_text(settings.quantization, torchao_installed(), measured, device)
-
-
-def read_settings() -> Settings:
-    defaults = Settings()
-    opts = shared.opts
-    return Settings(
-        backend=str(opts.data.get(OPTION_BACKEND, defaults.backend) or defaults.backend),
-        compile_mode=str(opts.data.get(OPTION_COMPILE_MODE, defaults.compile_mode) or defaults.compile_mode),
-        dynamic=bool(opts.data.get(OPTION_DYNAMIC, defaults.dynamic)),
-        cache_dir=str(opts.data.get(OPTION_CACHE_DIR, defaults.cache_dir) or ""),
-        max_graphs=int(opts.data.get(OPTION_MAX_GRAPHS, defaults.max_graphs) or defaults.max_graphs),
-        quantization=str(opts.data.get(OPTION_QUANTIZATION, defaults.quantization) or defaults.quantization),
-    )
 
 
 _NOT_APPLIED_YET = object()  # equal to no networks fingerprint: the first call of a job always applies
@@ -249,17 +198,7 @@ class CompiledSampling:
 
     def _lookup(self, sd_model):
         """(the compiled UNet's lookup for ``sd_model``, None) or (None, why it runs eagerly)."""
-        try:
-            lookup = STATE.cache.get(sd_model.model.diffusion_model, self.settings.backend,
-                                     self.settings.compile_options(self.quantization))
-        except BackendUnavailable as error:
-            return None, str(error)
-        except Exception as error:  # noqa: BLE001
-            logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
-            return None, f"compile failed ({type(error).__name__}: {error})"
-        if lookup.entry.key in STATE.failed_graphs:
-            return None, f"this graph failed before: {STATE.failed_graphs[lookup.entry.key]}"
-        return lookup, None
+        return compiled_unet_lookup(sd_model.model.diffusion_model, self.quantization)
 
     def _swap_in(self, sd_model, lookup) -> None:
         entry = lookup.entry
@@ -331,41 +270,6 @@ class CompiledSampling:
         self.p.extra_generation_params[INFO_KEY] = job.info_text()
 
 
-def announce_first_call(entry) -> None:
-    """Say on the console, before the long silent first call, that a graph is being built and for how long."""
-    expected = f"; took about {entry.expected_s:.0f} s last time" if entry.expected_s else ""
-    if entry.cache_hit:
-        what = "loading a compiled graph from the compile cache"
-    else:
-        problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
-        what = f"compiling a new graph with {entry.key.backend}, once per UNet structure and size{problem}"
-    print(f"OneDiff: {what} {entry.signature.short()}{expected} ...", flush=True)
-
-
-# Graphs one UNet structure may need: its image sizes, batch sizes (A1111 runs cond and uncond apart when their
-# lengths differ), context lengths and hires fix's second size.
-GRAPHS_PER_STRUCTURE = 8
-
-
-def ensure_recompile_limit(max_graphs: int) -> int:
-    """Raise dynamo's recompile limit to what the graph cache may legitimately hold, and return it.
-
-    torch keeps config overrides in a context variable, and the webui runs each API request in a copied
-    context, so this is set at the start of every job, in the thread that compiles.
-
-    Dynamo keeps its compiled graphs per *code object*, and every ldm/sgm UNet runs A1111's one
-    ``sd_unet.UNetModel_forward``: all structures and all shapes share one list of at most ``recompile_limit``
-    (8) graphs, after which dynamo silently runs eagerly. Measured in the webui: a 64x64 graph, its hires size,
-    a 154-token prompt (two batch-1 graphs) and a second structure already make 6.
-    """
-    import torch._dynamo.config as dynamo_config
-
-    wanted = GRAPHS_PER_STRUCTURE * max(1, int(max_graphs))
-    if dynamo_config.recompile_limit < wanted:
-        dynamo_config.recompile_limit = wanted
-    return dynamo_config.recompile_limit
-
-
 def process_images(p, script_args: ScriptArgs):
     """``processing.process_images(p)`` with the compiled UNet swapped in around every ``p.sample`` call."""
     STATE.apply_settings(read_settings())
@@ -396,82 +300,3 @@ def on_cfg_denoiser(_params) -> None:
     sampling = STATE.active_sampling
     if sampling is not None:
         sampling.follow(shared.sd_model)
-
-
-def on_ui_settings():
-    section = ("onediff", "OneDiff")
-    options = {
-        OPTION_BACKEND: shared.OptionInfo(
-            "auto", "Compile backend (auto: oneflow, then nexfort, then inductor)", gr.Dropdown,
-            {"choices": BACKEND_CHOICES}, section=section,
-        ),
-        OPTION_COMPILE_MODE: shared.OptionInfo(
-            "auto", "Compile mode (auto: CUDA graphs on a CUDA GPU; default: never CUDA graphs)",
-            gr.Dropdown, {"choices": COMPILE_MODE_CHOICES}, section=section,
-        ),
-        OPTION_QUANTIZATION: shared.OptionInfo(
-            "int8", "Quantization the script's checkbox asks for (int8: dynamic int8 where the device runs int8 "
-            "matmuls, else int8 weights only; fp8: CUDA GPUs of compute capability 8.9+, about 2% error per step "
-            "against 0.6% for int8, see README)", gr.Radio, {"choices": QUANTIZATION_CHOICES}, section=section,
-        ),
-        OPTION_DYNAMIC: shared.OptionInfo(
-            False, "Dynamic shapes (one graph for all sizes; off: one graph per size, up to dynamo's recompile limit)",
-            section=section,
-        ),
-        OPTION_MAX_GRAPHS: shared.OptionInfo(
-            2, "Compiled graphs kept in memory (one per UNet structure)", gr.Slider,
-            {"minimum": 1, "maximum": 8, "step": 1}, section=section,
-        ),
-        OPTION_CACHE_DIR: shared.OptionInfo(
-            DEFAULT_CACHE_DIR,
-            "Compile cache folder: compiled graphs kept across restarts (empty: none; applies after a restart)",
-            section=section,
-        ),
-        OPTION_CLEAR_CACHE: shared.OptionInfo(
-            False, "Clear the compile cache when these settings are applied", onchange=clear_compile_cache,
-            section=section,
-        ),
-        "onediff_compile_cache_size": _LiveHTML(compile_cache_html, section),
-    }
-    for key, info in options.items():
-        shared.opts.add_option(key, info)
-
-
-def apply_cache_dir() -> None:
-    """Keep compiled graphs on disk across restarts in the configured folder (read at start-up)."""
-    folder = str(shared.opts.data.get(OPTION_CACHE_DIR, DEFAULT_CACHE_DIR) or "")
-    STATE.cache.persistent = PersistentCache(folder) if folder else None
-
-
-def compile_cache_html() -> str:
-    persistent = STATE.cache.persistent
-    if persistent is None:
-        return "<p>Compile cache: off (no folder set).</p>"
-    status = persistent.status()
-    return (f"<p>Compile cache: {status['entries']} graph(s), {status['size_bytes'] / 2**20:.1f} MB in "
-            f"<code>{html.escape(status['folder'])}</code></p>")
-
-
-def clear_compile_cache() -> None:
-    """Settings action: empty the compile cache folder, then untick the box (it is an action, not a state)."""
-    if shared.opts.data.get(OPTION_CLEAR_CACHE) and STATE.cache.persistent is not None:
-        removed, freed = STATE.cache.persistent.clear()
-        print(f"OneDiff: compile cache cleared: {removed} graph(s), {freed / 2**20:.1f} MB", flush=True)
-    shared.opts.data[OPTION_CLEAR_CACHE] = False
-
-
-class _LiveHTML(shared.OptionHTML):
-    """A settings line whose HTML is computed on every page load (gradio calls a callable value)."""
-
-    def __init__(self, render, section):
-        super().__init__("")
-        self.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info")
-        self.section = section
-
-
-def on_app_started(_demo, app):
-    api_form.install(app, SCRIPT_TITLE)
-
-    @app.get("/onediff/v1/status")
-    def onediff_status():
-        return STATE.status()

@@ -1,7 +1,9 @@
-"""A1111 entry point: the selectable script "onediff_diffusion_model" (txt2img and img2img).
+"""Webui entry point: the selectable script "onediff_diffusion_model" (txt2img and img2img), in AUTOMATIC1111's
+webui and in SD.Next.
 
-Thin on purpose: argument parsing and state are in ``onediff_sd_webui_extensions.state``, the UNet swap, the
-settings and the status route in ``onediff_sd_webui_extensions.webui_hooks``.
+Thin on purpose: argument parsing and state are in ``onediff_sd_webui_extensions.state``, the settings and the
+status route in ``onediff_sd_webui_extensions.webui_common``, and the job itself in the host's module
+(``webui_hooks`` for A1111, ``sdnext_hooks`` for SD.Next; ``hosts`` picks it).
 """
 
 import html
@@ -16,8 +18,11 @@ if _EXTENSION_ROOT not in sys.path:
 import gradio as gr  # noqa: E402
 from modules import script_callbacks, scripts  # noqa: E402
 
-from onediff_sd_webui_extensions import webui_hooks  # noqa: E402
+from onediff_sd_webui_extensions import hosts, webui_common  # noqa: E402
 from onediff_sd_webui_extensions.state import SCRIPT_TITLE, STATE, ScriptArgs  # noqa: E402
+
+HOST = hosts.detect()
+job_hooks = hosts.job_hooks(HOST)
 
 
 def _status_html() -> str:
@@ -35,7 +40,7 @@ class Script(scripts.Script):
         return True  # selectable in both tabs ("script_name" only finds selectable scripts)
 
     def ui(self, is_img2img):
-        quantization = gr.Checkbox(value=False, **webui_hooks.quantization_checkbox())
+        quantization = gr.Checkbox(value=False, **webui_common.quantization_checkbox())
         with gr.Row():
             status = gr.HTML(value=_status_html)  # a callable value is evaluated on every page load
             refresh = gr.Button(value="Refresh status", size="sm", scale=0, min_width=130)
@@ -43,10 +48,11 @@ class Script(scripts.Script):
         return [quantization]
 
     def run(self, p, *args):
-        return webui_hooks.process_images(p, ScriptArgs.parse(list(args)))
+        return job_hooks.process_images(p, ScriptArgs.parse(list(args)))
 
 
-webui_hooks.apply_cache_dir()
-script_callbacks.on_ui_settings(webui_hooks.on_ui_settings)
-script_callbacks.on_app_started(webui_hooks.on_app_started)
-script_callbacks.on_cfg_denoiser(webui_hooks.on_cfg_denoiser)
+webui_common.apply_cache_dir()
+script_callbacks.on_ui_settings(webui_common.on_ui_settings)
+script_callbacks.on_app_started(webui_common.on_app_started)
+if HOST == hosts.A1111:
+    script_callbacks.on_cfg_denoiser(job_hooks.on_cfg_denoiser)  # the refiner switches models between steps

@@ -41,3 +41,6 @@ def test_inside_the_webui_every_installed_package_is_pinned():
         pins = set(handle.read().split())
     assert f"torch=={importlib.metadata.version('torch')}" in pins
     assert f"pytest=={importlib.metadata.version('pytest')}" in pins  # not only torch: the webui's packages too
+    # the packaging tools may move (SD.Next's setuptools is older than torch requires), setuptools not past 82
+    assert not any(pin.startswith(("pip==", "wheel==", "setuptools==")) for pin in pins)
+    assert "setuptools<82" in pins

@@ -104,12 +104,16 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     if args.compare:
         compare = compare_modes(unet, inputs, backend, device, warmup=args.warmup, repeat=args.repeat,
                                 measured={"eager": (eager_ms, None), mode_name(mode): (compiled_ms, compile_s)})
-    lora = None
+    lora = replaced = None
     if args.lora:
         from .lora import lora_section
 
         with progress("LoRA: fuse, switch, unfuse into the compiled graph", every_s=30.0):
             lora = lora_section(lookup.entry.module, lookup.unet, inputs)
+        from .weight_watch import replaced_weights_section
+
+        with progress("LoRA as SD.Next applies it: new Parameters, rebound into the graph", every_s=30.0):
+            replaced = replaced_weights_section(unet, lookup, inputs)
     quant = None
     if args.quant != "none":
         from .quant import quant_section
@@ -156,6 +160,7 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
         report["cache"] = cache_report
     if lora is not None:
         report["lora"] = lora
+        report["replaced_weights"] = replaced
     if quant is not None:
         report["quant"] = quant
     return report
@@ -193,6 +198,10 @@ def format_table(report: Dict[str, Any]) -> str:
             ("LoRA under the graph", f"new graphs {lora['new_graphs']}, max abs diff vs eager {lora['max_abs_diff']:.2e}, "
                                      f"restored exactly={lora['restored_exactly']}"),
         ]
+    if "replaced_weights" in report:
+        from .weight_watch import format_rows
+
+        rows += format_rows(report["replaced_weights"])
     if "cache" in report:
         cache = report["cache"]
         rows.append(("compile cache", ("hit: loaded" if cache["hit"] else "miss: compiled and stored")

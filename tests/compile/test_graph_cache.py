@@ -109,3 +109,24 @@ def test_compiled_unet_exposes_the_eager_modules_attributes(tiny_sd15):
     assert tiny_sd15.compiled.config.in_channels == 4
     assert tiny_sd15.compiled.dtype == torch.float32
 
+
+
+def test_a_second_graph_of_a_bound_module_never_shares_the_first_graphs_storage():
+    """A module bound to one graph reads that graph's storage; a graph for other options traced from it must get
+    storage of its own, or binding another checkpoint into the first graph would change what the second serves."""
+    from compile import GraphCache
+
+    cache = GraphCache(max_graphs=4)
+    first_model, second_model = build_preset("tiny", seed=0), build_preset("tiny", seed=5)
+    first = cache.get(first_model, "inductor")  # graphs are built lazily: nothing compiles in this test
+    other_options = cache.get(first_model, "inductor", CompileOptions(mode="max-autotune-no-cudagraphs"))
+    first_storage = set(data_pointers(first.entry.module).values())
+    assert not first_storage & set(data_pointers(other_options.entry.module).values())
+    values = {name: t.clone() for name, t in other_options.entry.module.state_dict().items()}
+
+    cache.get(second_model, "inductor")  # another checkpoint into the first graph
+
+    for name, tensor in other_options.entry.module.state_dict().items():
+        assert torch.equal(tensor, values[name]), name
+    for name, tensor in first_model.state_dict().items():  # the first model still holds its own weights
+        assert torch.equal(tensor, values[name]), name

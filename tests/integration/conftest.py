@@ -10,15 +10,11 @@ and stops it at the end. Everything stays on 127.0.0.1; nothing is downloaded.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
-from .webui_server import WebUI
+from .webui_server import WebUI, checkout_from_env, free_port, stop, wait_until_serving
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,18 +23,7 @@ STARTUP_TIMEOUT_S = 600
 
 
 def _webui_dir():
-    folder = os.environ.get("WEBUI_DIR")
-    if not folder:
-        pytest.skip("WEBUI_DIR is not set: these tests run the real AUTOMATIC1111 webui v1.10.1 (see README)")
-    if not os.path.isfile(os.path.join(folder, "launch.py")):
-        pytest.fail(f"WEBUI_DIR={folder} is not a stable-diffusion-webui checkout (no launch.py)")
-    return folder
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return checkout_from_env("WEBUI_DIR", "launch.py", "AUTOMATIC1111 webui v1.10.1 (stable-diffusion-webui)")
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +60,7 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
-    port = _free_port()
+    port = free_port()
     # the compile cache folder (default: inside the extension) goes to this session's data folder
     (data_dir / "config.json").write_text(json.dumps({"onediff_cache_dir": str(data_dir / "compile-cache")}))
     log_path = data_dir / "webui.log"
@@ -90,26 +75,9 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
         process = subprocess.Popen(command, cwd=webui_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = WebUI(f"http://127.0.0.1:{port}", process, log_path, names)
     try:
-        deadline = time.time() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the webui exited with {process.returncode}\n{server.log_tail()}")
-            try:
-                status, _ = server.request("/sdapi/v1/sd-models", timeout=10)
-                if status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the webui did not answer within {STARTUP_TIMEOUT_S} s\n{server.log_tail()}")
-            time.sleep(2)
+        wait_until_serving(server, STARTUP_TIMEOUT_S)
         # keep every graph the tests build (float, other heads, int8) so none is evicted and compiled twice
         assert server.request("/sdapi/v1/options", {"onediff_max_graphs": 4})[0] == 200
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)

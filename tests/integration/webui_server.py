@@ -1,10 +1,17 @@
-"""A client for a running webui, used by the integration tests (JSON over urllib, images as arrays)."""
+"""A client for a running webui, used by the integration tests of both hosts (JSON over urllib, images as
+arrays), and starting and stopping one on loopback."""
 
 import base64
 import io
 import json
+import os
+import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
+
+import pytest
 
 
 class WebUI:
@@ -48,3 +55,45 @@ class WebUI:
         status, answer = self.request("/onediff/v1/status")
         assert status == 200, answer
         return answer
+
+
+def checkout_from_env(variable, marker, what):
+    """The folder the environment variable names; skip (unset) or fail (no ``marker`` file in it) with why."""
+    folder = os.environ.get(variable)
+    if not folder:
+        pytest.skip(f"{variable} is not set: these tests run the real {what} (see README)")
+    if not os.path.isfile(os.path.join(folder, marker)):
+        pytest.fail(f"{variable}={folder} is not a {what} checkout (no {marker})")
+    return folder
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(server, timeout_s, what="the webui"):
+    """Return once ``server`` answers its model list; fail with the log's tail if it exits or times out."""
+    deadline = time.time() + timeout_s
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(f"{what} exited with {server.process.returncode}\n{server.log_tail()}")
+        try:
+            status, _ = server.request("/sdapi/v1/sd-models", timeout=10)
+            if status == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, socket.timeout):
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"{what} did not answer within {timeout_s} s\n{server.log_tail()}")
+        time.sleep(2)
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -34,6 +34,10 @@ def test_bench_cli_writes_the_documented_report(tmp_path):
     assert report["switch"]["other_structure"] == {"reused": False}
     lora = report["lora"]
     assert lora["new_graphs"] == 0 and lora["restored_exactly"] is True and lora["max_abs_diff"] <= 1e-4
+    replaced = report["replaced_weights"]  # LoRA as SD.Next applies it: new Parameters, found and rebound
+    assert replaced["tensors_found"] == replaced["layers"] > 0 and replaced["new_graphs"] == 0
+    assert replaced["restored_exactly"] is True and replaced["max_abs_diff"] <= 1e-4
+    assert replaced["quick_check_ms"] > 0 and replaced["rebind_ms"] > 0
 
 
 def test_bench_rejects_a_missing_checkpoint_clearly(tmp_path):
