@@ -27,14 +27,12 @@ from typing import Any, List, Optional
 import gradio as gr
 import torch
 
-from compile import BackendUnavailable, CompileOptions, compiled_graph_count, graph_break_count
-from compile.persistent_cache import PersistentCache
+from compile import BackendUnavailable, CompileOptions, available_backends, compiled_graph_count, graph_break_count
 from modules import devices, processing, sd_unet, shared
 
 from . import a1111_attention, a1111_lora, api_form
 from .unet_swap import EagerUNetView
 from .state import (
-    BACKEND_CHOICES,
     COMPILE_MODE_CHOICES,
     DEFAULT_CACHE_DIR,
     OPTION_BACKEND,
@@ -51,6 +49,9 @@ from .state import (
     JobRecord,
     ScriptArgs,
     Settings,
+    backend_choices,
+    backend_label,
+    backend_name,
     device_name,
     quantization_checkbox as quantization_checkbox_text,
     read_quantization_speed_file,
@@ -84,7 +85,7 @@ def read_settings() -> Settings:
     defaults = Settings()
     opts = shared.opts
     return Settings(
-        backend=str(opts.data.get(OPTION_BACKEND, defaults.backend) or defaults.backend),
+        backend=backend_name(opts.data.get(OPTION_BACKEND, defaults.backend)),
         compile_mode=str(opts.data.get(OPTION_COMPILE_MODE, defaults.compile_mode) or defaults.compile_mode),
         dynamic=bool(opts.data.get(OPTION_DYNAMIC, defaults.dynamic)),
         cache_dir=str(opts.data.get(OPTION_CACHE_DIR, defaults.cache_dir) or ""),
@@ -156,7 +157,8 @@ class GuardedUNet(EagerUNetView):
                 attention = a1111_attention.traceable_attention(devices.device.type)
                 with a1111_lora.original_forwards(), attention as replaced:
                     self.job.attention_replaced = self.job.attention_replaced or replaced or ""
-                    return self.compiled(*args, **kwargs)
+                    with STATE.watch_compile(self.compiled.entry, args, kwargs, _show_in_progress_bar):
+                        return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 (any failure of the compiled path must not lose the job)
                 self.failed = True
                 reason = f"compiled UNet failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
@@ -166,6 +168,11 @@ class GuardedUNet(EagerUNetView):
                 self.job.accelerated = False
                 self.job.notices.append(reason)
         return self.eager(*args, **kwargs)
+
+
+def _show_in_progress_bar(text: Optional[str]) -> None:
+    """The line the webui's progress bar shows beside the percentage (``compile_progress``)."""
+    shared.state.textinfo = text
 
 
 def _eager_reason(sd_model) -> Optional[str]:
@@ -252,8 +259,10 @@ class CompiledSampling:
         try:
             lookup = STATE.cache.get(sd_model.model.diffusion_model, self.settings.backend,
                                      self.settings.compile_options(self.quantization))
-        except BackendUnavailable as error:
-            return None, str(error)
+        except BackendUnavailable as error:  # the image's info says so briefly; the status route and console fully
+            self.job.details.append(str(error))
+            logger.warning("OneDiff: %s", error)
+            return None, f"backend {error.backend} not available"
         except Exception as error:  # noqa: BLE001
             logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
             return None, f"compile failed ({type(error).__name__}: {error})"
@@ -400,10 +409,13 @@ def on_cfg_denoiser(_params) -> None:
 
 def on_ui_settings():
     section = ("onediff", "OneDiff")
+    reasons = available_backends()
     options = {
+        # Plain strings as choices, given by a callable: the backends that cannot run here say why. The stored
+        # value is the entry's text; read_settings maps it back to the backend's name.
         OPTION_BACKEND: shared.OptionInfo(
-            "auto", "Compile backend (auto: oneflow, then nexfort, then inductor)", gr.Dropdown,
-            {"choices": BACKEND_CHOICES}, section=section,
+            backend_label("auto", reasons), "Compile backend (auto: oneflow, then nexfort, then inductor)",
+            gr.Dropdown, lambda: {"choices": backend_choices(available_backends())}, section=section,
         ),
         OPTION_COMPILE_MODE: shared.OptionInfo(
             "auto", "Compile mode (auto: CUDA graphs on a CUDA GPU; default: never CUDA graphs)",
@@ -424,8 +436,8 @@ def on_ui_settings():
         ),
         OPTION_CACHE_DIR: shared.OptionInfo(
             DEFAULT_CACHE_DIR,
-            "Compile cache folder: compiled graphs kept across restarts (empty: none; applies after a restart)",
-            section=section,
+            "Compile cache folder: compiled graphs kept across restarts (empty: none; used for graphs built after "
+            "the change)", section=section,
         ),
         OPTION_CLEAR_CACHE: shared.OptionInfo(
             False, "Clear the compile cache when these settings are applied", onchange=clear_compile_cache,
@@ -434,22 +446,20 @@ def on_ui_settings():
         "onediff_compile_cache_size": _LiveHTML(compile_cache_html, section),
     }
     for key, info in options.items():
+        if key not in (OPTION_CLEAR_CACHE, "onediff_compile_cache_size"):
+            info.onchange = apply_settings  # the status line tells the new settings before the next job
         shared.opts.add_option(key, info)
+    if OPTION_BACKEND in shared.opts.data:  # shown as today's entry for the stored backend
+        shared.opts.data[OPTION_BACKEND] = backend_label(backend_name(shared.opts.data[OPTION_BACKEND]), reasons)
 
 
-def apply_cache_dir() -> None:
-    """Keep compiled graphs on disk across restarts in the configured folder (read at start-up)."""
-    folder = str(shared.opts.data.get(OPTION_CACHE_DIR, DEFAULT_CACHE_DIR) or "")
-    STATE.cache.persistent = PersistentCache(folder) if folder else None
+def apply_settings() -> None:
+    """Take the OneDiff settings into ``STATE`` (at start-up and when they change in Settings)."""
+    STATE.apply_settings(read_settings())
 
 
 def compile_cache_html() -> str:
-    persistent = STATE.cache.persistent
-    if persistent is None:
-        return "<p>Compile cache: off (no folder set).</p>"
-    status = persistent.status()
-    return (f"<p>Compile cache: {status['entries']} graph(s), {status['size_bytes'] / 2**20:.1f} MB in "
-            f"<code>{html.escape(status['folder'])}</code></p>")
+    return f"<p>{html.escape(STATE.compile_cache_text())}</p>"
 
 
 def clear_compile_cache() -> None:
@@ -465,7 +475,9 @@ class _LiveHTML(shared.OptionHTML):
 
     def __init__(self, render, section):
         super().__init__("")
-        self.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info")
+        # javascript/onediff_status.js renders it again after Settings are applied, by its elem_id
+        self.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info",
+                                                  elem_id=kwargs.get("elem_id"))
         self.section = section
 
 
