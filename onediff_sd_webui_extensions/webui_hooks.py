@@ -260,8 +260,9 @@ class CompiledSampling:
             lookup = STATE.cache.get(sd_model.model.diffusion_model, self.settings.backend,
                                      self.settings.compile_options(self.quantization))
         except BackendUnavailable as error:  # the image's info says so briefly; the status route and console fully
-            self.job.details.append(str(error))
-            logger.warning("OneDiff: %s", error)
+            if str(error) not in self.job.details:  # once per job, not per p.sample call
+                self.job.details.append(str(error))
+                logger.warning("OneDiff: %s", error)
             return None, f"backend {error.backend} not available"
         except Exception as error:  # noqa: BLE001
             logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
@@ -449,8 +450,8 @@ def on_ui_settings():
         if key not in (OPTION_CLEAR_CACHE, "onediff_compile_cache_size"):
             info.onchange = apply_settings  # the status line tells the new settings before the next job
         shared.opts.add_option(key, info)
-    if OPTION_BACKEND in shared.opts.data:  # shown as today's entry for the stored backend
-        shared.opts.data[OPTION_BACKEND] = backend_label(backend_name(shared.opts.data[OPTION_BACKEND]), reasons)
+    # the stored choice shown as today's entry for its backend (availability may have changed since it was saved)
+    shared.opts.data[OPTION_BACKEND] = backend_label(backend_name(shared.opts.data[OPTION_BACKEND]), reasons)
 
 
 def apply_settings() -> None:

@@ -59,11 +59,14 @@ def tiny_checkpoints(tmp_path_factory, webui_python):
     return folder, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
-def webui(tmp_path_factory, webui_python, tiny_checkpoints):
+def start_webui(tmp_path_factory, webui_python, tiny_checkpoints, *, with_ui=False, name="webui-data"):
+    """Start the webui with this extension in its own data folder; yields a :class:`WebUI` once it answers.
+
+    ``with_ui``: serve the browser UI as well as the API (a UI build takes longer to start); otherwise
+    ``--nowebui``, the API alone."""
     webui_dir = _webui_dir()
     checkpoint_dir, names = tiny_checkpoints
-    data_dir = tmp_path_factory.mktemp("webui-data")
+    data_dir = tmp_path_factory.mktemp(name)
     extensions = data_dir / "extensions"
     extensions.mkdir()
     os.symlink(REPO_ROOT, extensions / EXTENSION_NAME)
@@ -81,7 +84,8 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
     log_path = data_dir / "webui.log"
     command = [
         webui_python, "launch.py", "--skip-prepare-environment", "--use-cpu", "all", "--no-half",
-        "--precision", "full", "--no-download-sd-model", "--api", "--nowebui", "--server-name", "127.0.0.1",
+        "--precision", "full", "--no-download-sd-model", "--api", *([] if with_ui else ["--nowebui"]),
+        "--server-name", "127.0.0.1",
         "--port", str(port), "--data-dir", str(data_dir), "--ckpt-dir", str(checkpoint_dir),
         "--ckpt", str(checkpoint_dir / f"{names[0]}.safetensors"), "--lora-dir", str(checkpoint_dir / "Lora"),
     ]
@@ -113,3 +117,15 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory, webui_python, tiny_checkpoints):
+    """The API alone (``--nowebui``), for test_webui_api.py."""
+    yield from start_webui(tmp_path_factory, webui_python, tiny_checkpoints)
+
+
+@pytest.fixture(scope="session")
+def webui_with_ui(tmp_path_factory, webui_python, tiny_checkpoints):
+    """The browser UI and the API, with its own data and compile cache folders (its first job compiles)."""
+    yield from start_webui(tmp_path_factory, webui_python, tiny_checkpoints, with_ui=True, name="webui-ui-data")

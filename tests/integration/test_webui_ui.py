@@ -1,0 +1,265 @@
+"""The extension's UI in the real webui, in a real browser (headless Chromium driven by Playwright).
+
+What the user sees while the extension works: the script and its first-compile notice, the progress bar's
+text during the first compile, the status line after jobs (in both tabs, without reloading the page), labels
+that tell cached graphs apart, the backend setting, and the Settings' compile cache line after Apply.
+
+The browser reaches 127.0.0.1 only: every other request (web fonts, anything else) is aborted. The tests share
+one page and run in file order, like the API tests share one webui; the UI webui has its own compile cache
+folder, so its first job really compiles. With ``ONEDIFF_SCREENSHOTS_DIR`` set (e.g. ``images``) the README's
+screenshots are taken again from this run.
+"""
+
+import json
+import os
+import re
+import time
+import urllib.parse
+
+import pytest
+
+SCRIPT = "onediff_diffusion_model"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOTS = os.environ.get("ONEDIFF_SCREENSHOTS_DIR")
+JOB_TIMEOUT_S = 900  # a cold compile on a busy 2-core CPU
+UI_TIMEOUT_MS = 20_000  # the status line follows a job or Apply within a few seconds (polled once a second)
+PROGRESS_TEXT = re.compile(r"OneDiff: compiling the UNet graph for 64x64 \(batch \d+\), (\d+) s")
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.skip("the UI tests need the Python package 'playwright' (pip install playwright; no browser download: "
+                    "they use Debian's chromium)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"the UI tests need Chromium at {CHROMIUM} (apt-get install chromium)")
+    return sync_api
+
+
+def _loopback_only(route):
+    if urllib.parse.urlsplit(route.request.url).hostname == "127.0.0.1":
+        route.continue_()
+    else:
+        route.abort()
+
+
+@pytest.fixture(scope="module")
+def page(playwright_api, webui_with_ui):
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context.route("**/*", _loopback_only)
+        page = context.new_page()
+        page.goto(webui_with_ui.url, timeout=120_000)
+        page.locator("#txt2img_generate").wait_for(timeout=120_000)
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def expect(playwright_api):
+    return playwright_api.expect
+
+
+def screenshot(target, name, **options):
+    """Keep a screenshot for the README when ``ONEDIFF_SCREENSHOTS_DIR`` is set."""
+    if SCREENSHOTS:
+        os.makedirs(SCREENSHOTS, exist_ok=True)
+        target.screenshot(path=os.path.join(SCREENSHOTS, name), **options)
+
+
+def open_tab(page, name):
+    page.locator("#tabs > .tab-nav button", has_text=re.compile(f"^{name}$")).click()
+
+
+def choose(page, dropdown, option):
+    """Pick ``option`` (a regex) in the gradio dropdown ``dropdown``."""
+    dropdown.locator("input").click()
+    page.get_by_role("option", name=option).click()
+
+
+def status_line(page, tab):
+    return page.locator(f"#tab_{tab} .onediff-status")
+
+
+def select_script(page, tab):
+    open_tab(page, tab)
+    choose(page, page.locator(f"#{tab}_script_container #script_list"), re.compile(f"^{SCRIPT}$"))
+
+
+def set_up_small_job(page):
+    """A 64x64, 4-step txt2img job (the tiny test checkpoints are trained for nothing: speed is what counts)."""
+    page.locator("#txt2img_prompt textarea").fill("a red cube on a table")
+    for slider, value in (("txt2img_steps", 4), ("txt2img_width", 64), ("txt2img_height", 64)):
+        number = page.locator(f"#{slider} input[type=number]")
+        number.fill(str(value))
+        number.press("Enter")
+
+
+def job_info(page):
+    return page.locator("#html_info_txt2img").text_content() or ""
+
+
+def generate(page):
+    """Run the txt2img job set up in the page and return its generation info, once the UI has it."""
+    before = job_info(page)
+    page.locator("#txt2img_generate").click()
+    interrupt = page.locator("#txt2img_interrupt")
+    interrupt.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+    interrupt.wait_for(state="hidden", timeout=JOB_TIMEOUT_S * 1000)
+    deadline = time.time() + UI_TIMEOUT_MS / 1000
+    while job_info(page) == before and time.time() < deadline:
+        page.wait_for_timeout(200)
+    return job_info(page)
+
+
+def onediff_value(info):
+    """The "OneDiff" field of a job's generation info (the webui quotes a value holding commas or colons)."""
+    found = re.search(r'OneDiff: ("(?:[^"\\]|\\.)*"|[^,]*)', info)
+    assert found, f"no OneDiff field in the job's info: {info}"
+    value = found.group(1)
+    return json.loads(value) if value.startswith('"') else value
+
+
+def open_onediff_settings(page):
+    open_tab(page, "Settings")
+    page.locator("#settings > .tab-nav button", has_text=re.compile("^OneDiff$")).click()
+    return page.locator("#settings_onediff")
+
+
+def apply_settings(page, changed_key, expect):
+    page.locator("#settings_submit").click()
+    expect(page.locator("#settings_result")).to_contain_text(changed_key, timeout=UI_TIMEOUT_MS)
+
+
+def test_script_is_selectable_with_the_first_compile_notice_and_a_status_line(page, expect):
+    for tab in ("img2img", "txt2img"):
+        select_script(page, tab)
+        notice = page.locator(f"#tab_{tab} .onediff-notice")
+        expect(notice).to_be_visible()
+        expect(notice).to_contain_text("The first job with a new model structure or image size compiles for about "
+                                       "a minute (progress shows in the bar); later jobs reuse it.")
+        expect(status_line(page, tab)).to_have_text(
+            "OneDiff: backend auto (inductor here), 0 graph(s) cached. No job yet.")
+
+
+def test_the_progress_bar_says_what_compiles_while_the_first_job_compiles(page, expect, webui_with_ui):
+    """The first job compiles for about a minute inside its first step: the bar names the graph, the size and the
+    seconds so far, and the status line in both tabs says the job is compiling (it is not the last job)."""
+    set_up_small_job(page)
+    page.locator("#txt2img_generate").click()
+    bar = page.locator("#tab_txt2img .progressDiv .progress")
+    interrupt = page.locator("#txt2img_interrupt")
+    interrupt.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+    elapsed_seen, status_seen, deadline = set(), set(), time.time() + JOB_TIMEOUT_S
+    while interrupt.is_visible() and time.time() < deadline:
+        text = bar.first.text_content() if bar.count() else ""
+        found = PROGRESS_TEXT.search(text or "")
+        if found:
+            elapsed_seen.add(int(found.group(1)))
+            status = status_line(page, "img2img").text_content()
+            status_seen.add(status)
+            if len(elapsed_seen) == 3:
+                screenshot(page, "txt2img_compiling.png")
+        page.wait_for_timeout(500)
+    assert len(elapsed_seen) >= 2, f"the progress bar never showed a ticking compile line: {elapsed_seen}"
+    assert any("Job compiling the UNet graph for 64x64" in status for status in status_seen), status_seen
+    expect(page.locator("#html_info_txt2img")).to_contain_text("OneDiff:", timeout=UI_TIMEOUT_MS)
+    assert re.match(r"inductor, compiled UNetModel:\w+ in [\d.]+ s", onediff_value(job_info(page)))
+    last = webui_with_ui.status()["last_job"]
+    assert last["compile_s"] > 0 and not webui_with_ui.status()["busy"]
+
+
+def test_the_status_line_follows_each_job_in_both_tabs(page, expect, webui_with_ui):
+    """Without reloading the page: after the compile job both lines name it; after a second job, that one."""
+    for tab in ("txt2img", "img2img"):
+        expect(status_line(page, tab)).to_contain_text(re.compile(r"Last job: inductor, compiled UNetModel:"),
+                                                       timeout=UI_TIMEOUT_MS)
+    assert onediff_value(generate(page)).startswith("inductor, reused UNetModel:")
+    graph = webui_with_ui.status()["graphs"][0]["label"]
+    for tab in ("txt2img", "img2img"):
+        expect(status_line(page, tab)).to_contain_text(f"1 graph(s) cached: {graph}. Last job: inductor, reused",
+                                                       timeout=UI_TIMEOUT_MS)
+
+
+def test_graph_labels_tell_the_float_and_the_int8_graph_apart(page, expect, webui_with_ui):
+    checkbox = page.locator("#tab_txt2img #txt2img_script_container input[type=checkbox]").first
+    checkbox.check()
+    try:
+        info = generate(page)
+    finally:
+        checkbox.uncheck()
+    assert re.search(r"int8-(dynamic|weight-only) quantized", onediff_value(info)), info
+    labels = [graph["label"] for graph in webui_with_ui.status()["graphs"]]
+    assert len(labels) == 2 and len(set(labels)) == 2, labels
+    assert {label.split()[1] for label in labels} == {"float", labels[1].split()[1]} and "int8-" in labels[1]
+    assert all(label.endswith(" default 64x64") for label in labels), labels
+    for tab in ("txt2img", "img2img"):
+        expect(status_line(page, tab)).to_contain_text(f"2 graph(s) cached: {'; '.join(labels)}.",
+                                                       timeout=UI_TIMEOUT_MS)
+
+
+def test_the_backend_setting_marks_backends_that_cannot_run_and_the_status_names_the_resolved_one(
+        page, expect, webui_with_ui):
+    unavailable = webui_with_ui.status()["backends_unavailable"]
+    if not unavailable:
+        pytest.skip("every backend can run here: nothing to mark")
+    name, reason = sorted(unavailable.items())[0]
+    section = open_onediff_settings(page)
+    dropdown = section.locator("#setting_onediff_backend")
+    dropdown.locator("input").click()
+    options = page.get_by_role("option").all_text_contents()
+    assert "auto (inductor here)" in [option.strip() for option in options], options
+    assert f"{name} (not available: {reason})" in [option.strip() for option in options], options
+    page.get_by_role("option", name=re.compile(f"^{name} ")).click()
+    apply_settings(page, "onediff_backend", expect)
+    status = webui_with_ui.status()
+    assert status["backend"] == name and status["backend_resolved"] is None  # no job needed to know it
+    open_tab(page, "txt2img")
+    expect(status_line(page, "txt2img")).to_contain_text(f"backend {name} (not available: {reason})",
+                                                         timeout=UI_TIMEOUT_MS)
+
+    info = generate(page)  # runs eagerly: the image's info says why in a few words
+    assert onediff_value(info) == f"eager (backend {name} not available)", info
+    details = webui_with_ui.status()["last_job"]["details"]
+    assert any(f"compile backend '{name}' is not available: {reason}" in detail for detail in details), details
+
+    open_onediff_settings(page)
+    choose(page, dropdown, re.compile(r"^auto \("))
+    apply_settings(page, "onediff_backend", expect)
+    assert webui_with_ui.status()["backend_resolved"] == "inductor"
+    open_tab(page, "txt2img")
+    expect(status_line(page, "txt2img")).to_contain_text("backend auto (inductor here)", timeout=UI_TIMEOUT_MS)
+
+
+def test_the_compile_cache_line_follows_a_changed_folder_after_apply(page, expect, webui_with_ui, tmp_path):
+    section = open_onediff_settings(page)
+    folder_box = section.locator("#setting_onediff_cache_dir textarea")
+    cache_line = section.locator("#setting_onediff_compile_cache_size")
+    original = folder_box.input_value()
+    expect(cache_line).to_contain_text(f"in {original}")
+    other = str(tmp_path / "other-compile-cache")
+    folder_box.fill(other)
+    apply_settings(page, "onediff_cache_dir", expect)
+    expect(cache_line).to_have_text(f"Compile cache: 0 graph(s), 0.0 MB in {other}", timeout=UI_TIMEOUT_MS)
+    assert webui_with_ui.status()["compile_cache"].endswith(f"in {other}")
+
+    folder_box.fill(original)
+    apply_settings(page, "onediff_cache_dir", expect)
+    expect(cache_line).to_contain_text(re.compile(rf"Compile cache: [1-9]\d* graph\(s\), [\d.]+ MB in {re.escape(original)}"),
+                                       timeout=UI_TIMEOUT_MS)
+    screenshot(section, "settings_onediff.png")
+
+
+def test_readme_screenshots(page, expect):
+    if not SCREENSHOTS:
+        pytest.skip("ONEDIFF_SCREENSHOTS_DIR is not set: no screenshots to retake")
+    open_tab(page, "txt2img")
+    expect(status_line(page, "txt2img")).to_contain_text("Last job:")
+    page.mouse.move(0, 0)
+    screenshot(page, "txt2img_full.png")
+    screenshot(page.locator("#txt2img_script_container"), "txt2img_script_selected.png")
