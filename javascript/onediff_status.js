@@ -21,11 +21,16 @@
         });
     }
 
-    function setParagraph(container, text) {
-        var paragraph = container.querySelector("p");
-        if (paragraph !== null && paragraph.textContent !== text) {
-            paragraph.textContent = text;
-        }
+    // gradio gives an HTML component's classes and id to its outer block and to its inner "prose" div; the
+    // inner one holds the server's <p> (none yet if its first rendering has not arrived)
+    function setText(selector, text) {
+        gradioApp().querySelectorAll(selector).forEach(function(container) {
+            var paragraph = container.querySelector("p");
+            if (paragraph === null) {
+                paragraph = container.appendChild(document.createElement("p"));
+            }
+            if (paragraph.textContent !== text) paragraph.textContent = text;
+        });
     }
 
     function refresh() {
@@ -37,11 +42,8 @@
             })
             .then(function(status) {
                 if (status === null) return;
-                gradioApp().querySelectorAll(".onediff-status").forEach(function(line) {
-                    setParagraph(line, status.summary);
-                });
-                var cacheLine = gradioApp().getElementById("setting_onediff_compile_cache_size");
-                if (cacheLine !== null) setParagraph(cacheLine, status.compile_cache);
+                setText(".prose.onediff-status", status.summary);
+                setText(".prose#setting_onediff_compile_cache_size", status.compile_cache);
             })
             .catch(function(error) {
                 console.warn("OneDiff status:", error);

@@ -320,7 +320,7 @@ def graph_label(entry: Any) -> str:
     sizes compiled so far, e.g. "UNetModel:c1374a2ad35c int8-dynamic default 512x512,768x512"."""
     options = entry.key.options
     mode = (options.mode or "default") + (" dynamic" if options.dynamic else "")
-    sizes = ",".join(dict.fromkeys(image_size(shape) for shape in entry.compiled_shapes)) or "not run yet"
+    sizes = ",".join(dict.fromkeys(image_size(shape) for shape in entry.compiled_shapes)) or "(not compiled yet)"
     return f"{entry.signature.short()} {quantization_scheme(entry) or 'float'} {mode} {sizes}"
 
 
