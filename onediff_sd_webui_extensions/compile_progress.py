@@ -77,10 +77,6 @@ class CompileProgress:
     def current(self) -> Optional[Compile]:
         return self._current
 
-    def text(self) -> Optional[str]:
-        build = self._current
-        return None if build is None else build.text(self.clock())
-
     @contextlib.contextmanager
     def watch(self, what: str, shape: str, show: Show, verb: str = "compiling",
               expected_s: Optional[float] = None) -> Iterator[Compile]:
