@@ -1,4 +1,5 @@
-"""Run the real AUTOMATIC1111 webui (v1.10.1) headless, with this extension installed, for the API tests.
+"""Run the real AUTOMATIC1111 webui (v1.10.1) with this extension installed: API alone for the API tests, with
+its browser UI for the UI tests.
 
 Needs ``WEBUI_DIR`` (a webui checkout with its ``repositories/``) and ``WEBUI_PYTHON`` (a Python with the
 webui's requirements; default: this interpreter). The session builds tiny checkpoints, gives the webui its own
