@@ -11,6 +11,7 @@ from .backends import (
     ONEFLOW,
     BackendUnavailable,
     CompileOptions,
+    auto_choice,
     available_backends,
     compile_module,
     resolve_backend,

@@ -18,6 +18,7 @@ ONEFLOW = "oneflow"
 NEXFORT = "nexfort"
 AUTO = "auto"
 KNOWN_BACKENDS = (INDUCTOR, ONEFLOW, NEXFORT)
+AUTO_ORDER = (ONEFLOW, NEXFORT, INDUCTOR)  # what ``auto`` tries: onediff's own backends on CUDA first
 
 # torch.compile modes. ``AUTO_MODE`` resolves per device (:func:`resolve_mode`): CUDA graphs on CUDA, where a
 # step without them is bound by kernel launches, and inductor's default elsewhere (CUDA graphs need CUDA).
@@ -138,6 +139,8 @@ def availability(backend: str) -> Optional[str]:
         if backend == NEXFORT:
             import nexfort  # noqa: F401
     except Exception as error:
+        if isinstance(error, ModuleNotFoundError) and error.name in (ONEFLOW, NEXFORT):
+            return f"onediff's {backend} backend needs the {error.name} package, which is not installed"
         return f"{type(error).__name__}: {error}"
     if backend in (ONEFLOW, NEXFORT) and not torch.cuda.is_available():
         return "it needs a CUDA GPU and none is visible"
@@ -149,11 +152,16 @@ def available_backends() -> Dict[str, Optional[str]]:
     return {name: availability(name) for name in KNOWN_BACKENDS}
 
 
+def auto_choice(reasons: Dict[str, Optional[str]]) -> Optional[str]:
+    """The backend ``auto`` picks given :func:`available_backends`' answer, or None when none is usable."""
+    return next((name for name in AUTO_ORDER if name in reasons and reasons[name] is None), None)
+
+
 def resolve_backend(name: str = AUTO) -> str:
     """The concrete backend for ``name``; ``auto`` picks the best usable one (onediff's own on CUDA first)."""
     name = (name or AUTO).strip().lower()
     if name == AUTO:
-        for candidate in (ONEFLOW, NEXFORT, INDUCTOR):
+        for candidate in AUTO_ORDER:
             if availability(candidate) is None:
                 return candidate
         raise BackendUnavailable(INDUCTOR, availability(INDUCTOR) or "no backend usable")

@@ -26,7 +26,7 @@ import gc
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -34,7 +34,7 @@ from .backends import AUTO, CompileOptions, compile_module, resolve_backend, res
 from .counters import RecompileLimitWatcher, compiled_graph_count
 from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
-from .step_times import StepTimes, input_shape
+from .step_times import StepTimes
 from .weights import BindReport, aliasing_clone, bind_weights, give_own_storage
 
 
@@ -100,6 +100,7 @@ class CompiledUNet(torch.nn.Module):
         entry = self.entry
         graphs_before = compiled_graph_count()
         first_call = entry.compile_s is None
+        shapes = call_shapes(args, kwargs)
         memory_before = _reserved_bytes(entry.key.device)
         start = time.perf_counter()
         step_timer = None if first_call else entry.step_times.start(entry.key.device)
@@ -111,6 +112,9 @@ class CompiledUNet(torch.nn.Module):
         if entry.cuda_graphs:
             output = copy_out_of_graph_memory(output)
         new_graphs = compiled_graph_count() - graphs_before
+        entry.served_calls.add(shapes)
+        if (first_call or new_graphs) and shapes[0] not in entry.compiled_shapes:
+            entry.compiled_shapes.append(shapes[0])
         if first_call:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -119,7 +123,7 @@ class CompiledUNet(torch.nn.Module):
         else:
             entry.recompiles += new_graphs
             if not new_graphs:  # a step, not a compile
-                entry.step_times.stop(step_timer, input_shape(args, kwargs))
+                entry.step_times.stop(step_timer, shapes[0])
         entry.calls += 1
         entry.memory_growth_bytes += max(0, _reserved_bytes(entry.key.device) - memory_before)
         if entry.stored is not None and (first_call or new_graphs):
@@ -131,6 +135,14 @@ class CompiledUNet(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["eager"], name)
+
+
+def call_shapes(args: tuple, kwargs: dict) -> Tuple[str, ...]:
+    """The shapes of a call's tensor arguments, the latent batch's first (as in :func:`step_times.input_shape`).
+    With static shapes, a call whose shapes the graph has not served yet compiles: a new image size, batch size
+    or prompt length."""
+    tensors = [value for value in list(args) + list(kwargs.values()) if isinstance(value, torch.Tensor)]
+    return tuple("x".join(str(size) for size in tensor.shape) for tensor in tensors) or ("?",)
 
 
 def copy_out_of_graph_memory(output: Any) -> Any:
@@ -166,6 +178,8 @@ class GraphEntry:
     memory_growth_bytes: int = 0  # device memory the allocator reserved during its calls (kernels, graph pools)
     moves_after_capture: int = 0  # calls that found the captured weights moved (torch re-records the graph)
     step_times: StepTimes = dataclasses.field(default_factory=StepTimes)  # calls after the first, by shape
+    compiled_shapes: List[str] = dataclasses.field(default_factory=list)  # latent shapes whose call compiled
+    served_calls: Set[Tuple[str, ...]] = dataclasses.field(default_factory=set)  # call_shapes of calls so far
     _placement: Optional[tuple] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -182,6 +196,13 @@ class GraphEntry:
         if self._placement is not None and placement != self._placement:
             self.moves_after_capture += 1
         self._placement = placement
+
+    def will_compile(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this call is expected to build a graph: the first call, or (static shapes) shapes not served
+        yet. A guess made before the call, for the UI; the counters after it say what happened."""
+        if self.compile_s is None:
+            return True
+        return not self.key.options.dynamic and call_shapes(args, kwargs) not in self.served_calls
 
     @property
     def cache_hit(self) -> Optional[bool]:
@@ -219,6 +240,7 @@ class GraphEntry:
             "memory_growth_mb": round(self.memory_growth_bytes / 2**20, 1),
             "moves_after_capture": self.moves_after_capture,
             "step_ms": self.step_times.as_dict(),
+            "compiled_shapes": list(self.compiled_shapes),
             **self.binding.describe(),
         }
 

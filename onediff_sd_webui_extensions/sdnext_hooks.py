@@ -33,6 +33,7 @@ from .webui_common import (
     ensure_recompile_limit,
     quantization_unavailable,
     read_settings,
+    show_in_progress_bar,
 )
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
@@ -89,7 +90,7 @@ class CompiledBatch:
         reason = eager_reason(pipeline)
         lookup = None
         if reason is None:
-            lookup, reason = compiled_unet_lookup(pipeline.unet, self._quantization())
+            lookup, reason = compiled_unet_lookup(pipeline.unet, self.job, self._quantization())
         if lookup is not None:
             try:
                 self._route(pipeline.unet, lookup)
@@ -116,7 +117,7 @@ class CompiledBatch:
         self.first_call = entry.compile_s is None
         if self.first_call:
             announce_first_call(entry)
-        router = UNetRouter(unet, lookup, job)
+        router = UNetRouter(unet, lookup, job, show_in_progress_bar)
         router.install()
         self.router = router
 

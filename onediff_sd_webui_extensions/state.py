@@ -8,6 +8,7 @@ webui: the pieces that do are in ``webui_common.py`` and ``webui_hooks.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,10 +24,16 @@ from compile import (
     KNOWN_BACKENDS,
     CompileOptions,
     GraphCache,
+    PersistentCache,
+    auto_choice,
     available_backends,
     compiled_graph_count,
     graph_break_count,
 )
+from compile.backends import availability
+from compile.graph_cache import call_shapes
+
+from .compile_progress import CompileProgress, Show, image_size
 
 SCRIPT_TITLE = "onediff_diffusion_model"  # the Script dropdown entry and the API's script_name
 
@@ -130,7 +137,8 @@ class JobRecord:
     graph_breaks: int = 0  # the compiled UNet runs in pieces: a host or user setting dynamo cannot trace
     attention_replaced: str = ""  # the webui's attention forward the graph was traced without (a1111_attention)
     recompile_limit_hit: bool = False
-    notices: List[str] = dataclasses.field(default_factory=list)
+    notices: List[str] = dataclasses.field(default_factory=list)  # short, for the image's info line
+    details: List[str] = dataclasses.field(default_factory=list)  # the full reasons (status route, console)
     seconds: float = 0.0
 
     def info_text(self) -> str:
@@ -165,6 +173,8 @@ class OneDiffState:
         self.compiled_call_failures = 0
         self.failed_graphs: Dict[Any, str] = {}  # GraphKey -> why its compile or call failed
         self.last_job: Optional[JobRecord] = None
+        self.running_job: Optional[JobRecord] = None  # the job running now (also last_job), None between jobs
+        self.compile_progress = CompileProgress()
         self.last_lora: Optional[Dict[str, Any]] = None  # a1111_lora.LoraApplyReport.as_dict() of the last change
         self.lora_applications = 0
         self.dynamo_recompile_limit: Optional[int] = None  # as set for the last job (a per-context torch setting)
@@ -173,16 +183,22 @@ class OneDiffState:
         self.active_sampling: Any = None
 
     def apply_settings(self, settings: Settings) -> None:
+        """Take new settings; a changed cache folder is used for graphs built from now on (graphs in memory
+        keep the folder they were opened in)."""
         self.settings = settings
         self.cache.max_graphs = max(1, int(settings.max_graphs))
+        folder = os.path.abspath(os.path.expanduser(settings.cache_dir)) if settings.cache_dir else None
+        if folder != (self.cache.persistent.folder if self.cache.persistent is not None else None):
+            self.cache.persistent = PersistentCache(folder) if folder else None
 
     def start_job(self) -> JobRecord:
         self.jobs += 1
-        self.last_job = JobRecord(started=time.time())
+        self.last_job = self.running_job = JobRecord(started=time.time())
         return self.last_job
 
     def finish_job(self, job: JobRecord) -> None:
         job.seconds = time.time() - job.started
+        self.running_job = None
         if job.accelerated:
             self.accelerated_jobs += 1
             self.save_quantization_speed()
@@ -207,6 +223,39 @@ class OneDiffState:
         except OSError:
             pass  # a read-only cache folder: the status route still shows the measurement
 
+    def watch_compile(self, entry: Any, args: tuple, kwargs: dict, show: Show):
+        """A context for one call of ``entry``'s compiled UNet: when the call is expected to build a graph (its
+        first call, or new input shapes), ``show`` gets the progress text until it returns."""
+        if not entry.will_compile(args, kwargs):
+            return contextlib.nullcontext()
+        verb = "loading" if entry.compile_s is None and entry.cache_hit else "compiling"
+        shape = call_shapes(args, kwargs)[0]
+        return self.compile_progress.watch(graph_kind(entry), shape, show, verb, entry.expected_s)
+
+    def compile_cache_text(self) -> str:
+        """The Settings' compile cache line: folder, graphs and size on disk."""
+        persistent = self.cache.persistent
+        if persistent is None:
+            return "Compile cache: off (no folder set)."
+        status = persistent.status()
+        return (f"Compile cache: {status['entries']} graph(s), {status['size_bytes'] / 2**20:.1f} MB in "
+                f"{status['folder']}")
+
+    def summary(self, reasons: Optional[Dict[str, Optional[str]]] = None) -> str:
+        """The script's status line: the backend (what ``auto`` is here), the graphs kept, and the job running
+        now (what it compiles) or the last one."""
+        reasons = available_backends() if reasons is None else reasons
+        graphs = [graph_label(entry) for entry in self.cache.entries()]
+        text = f"OneDiff: backend {backend_label(self.settings.backend, reasons)}, {len(graphs)} graph(s) cached"
+        text += (": " + "; ".join(graphs) + ".") if graphs else "."
+        if self.running_job is not None:
+            build = self.compile_progress.current()
+            doing = build.describe(self.compile_progress.clock()) if build is not None else "running"
+            return f"{text} Job {doing}..."
+        if self.last_job is None:
+            return f"{text} No job yet."
+        return f"{text} Last job: {self.last_job.info_text()}."
+
     def record_lora(self, report: Any) -> None:
         """Remember an application of A1111's LoRA networks into the compiled UNet's weights."""
         self.last_lora = report.as_dict()
@@ -216,11 +265,20 @@ class OneDiffState:
         """JSON for ``GET /onediff/v1/status``."""
         cache = self.cache.status()
         last = dataclasses.asdict(self.last_job) if self.last_job else None
+        reasons = available_backends()
+        build = self.compile_progress.current()
         return {
+            "summary": self.summary(reasons),
+            "busy": self.running_job is not None,
+            "compiling": None if build is None else build.as_dict(self.compile_progress.clock()),
             "backend": self.settings.backend,
-            "backends_available": {name: reason is None for name, reason in available_backends().items()},
+            "backend_resolved": resolved_backend(self.settings.backend, reasons),
+            "backends_available": {name: reason is None for name, reason in reasons.items()},
+            "backends_unavailable": {name: reason for name, reason in reasons.items() if reason is not None},
             "settings": dataclasses.asdict(self.settings),
-            "graphs": cache["graphs"],
+            "compile_cache": self.compile_cache_text(),
+            "graphs": [{"label": graph_label(entry), **described}
+                       for entry, described in zip(self.cache.entries(), cache["graphs"])],
             "compiles": cache["compiles"],
             "reuses": cache["reuses"],
             "evictions": cache["evictions"],
@@ -243,6 +301,59 @@ class OneDiffState:
             "device_memory_mb": _device_memory_mb(),
             "torch": torch.__version__,
         }
+
+
+def quantization_scheme(entry: Any) -> str:
+    """The quantization scheme a cached graph runs ("int8-dynamic", ...), "" for a float graph."""
+    weights = getattr(entry.binding, "weights", None)
+    return getattr(weights, "mode", "") or entry.key.options.quantization
+
+
+def graph_kind(entry: Any) -> str:
+    """What the progress bar calls a graph: "UNet", or "int8-dynamic UNet"."""
+    scheme = quantization_scheme(entry)
+    return f"{scheme} UNet" if scheme else "UNet"
+
+
+def graph_label(entry: Any) -> str:
+    """What tells cached graphs apart: the structure, the quantization scheme, the compile mode and the image
+    sizes compiled so far, e.g. "UNetModel:c1374a2ad35c int8-dynamic default 512x512,768x512"."""
+    options = entry.key.options
+    mode = (options.mode or "default") + (" dynamic" if options.dynamic else "")
+    sizes = ",".join(dict.fromkeys(image_size(shape) for shape in entry.compiled_shapes)) or "(not compiled yet)"
+    return f"{entry.signature.short()} {quantization_scheme(entry) or 'float'} {mode} {sizes}"
+
+
+def resolved_backend(name: str, reasons: Dict[str, Optional[str]]) -> Optional[str]:
+    """The backend a job with the ``name`` setting compiles with here, None when it cannot compile."""
+    if name == AUTO:
+        return auto_choice(reasons)
+    return name if _reason(name, reasons) is None else None
+
+
+def _reason(name: str, reasons: Dict[str, Optional[str]]) -> Optional[str]:
+    return reasons[name] if name in reasons else availability(name)
+
+
+def backend_label(name: str, reasons: Dict[str, Optional[str]]) -> str:
+    """A backend as the Settings dropdown and the status line name it: ``auto`` with the backend it picks here,
+    one that cannot run here with the reason (``reasons``: :func:`compile.available_backends`)."""
+    if name == AUTO:
+        chosen = auto_choice(reasons)
+        return f"{AUTO} ({chosen} here)" if chosen else f"{AUTO} (no backend can run here)"
+    reason = _reason(name, reasons)
+    return name if reason is None else f"{name} (not available: {reason})"
+
+
+def backend_choices(reasons: Dict[str, Optional[str]]) -> List[str]:
+    """The Settings dropdown's entries, plain strings (A1111's settings need them so): see :func:`backend_label`."""
+    return [backend_label(name, reasons) for name in BACKEND_CHOICES]
+
+
+def backend_name(choice: Any) -> str:
+    """The backend a setting's value names: a dropdown entry ("oneflow (not available: ...)") or a plain name
+    (as the API may set it)."""
+    return str(choice or "").split(" (", 1)[0].strip().lower() or AUTO
 
 
 def device_name(device: str) -> str:

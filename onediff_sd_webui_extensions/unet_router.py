@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 import traceback
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -57,13 +57,16 @@ class UNetRouter:
 
     ``lookup`` is the :class:`compile.graph_cache.Lookup` for ``unet`` (its weights already bound). The first
     call of a float graph also compares values where the UNet does not share the graph's storage (the
-    thorough check); later calls run only the quick check.
+    thorough check); later calls run only the quick check. ``show_progress`` gets the text to show while a call
+    builds a graph (``STATE.watch_compile``), None when it ends.
     """
 
-    def __init__(self, unet: torch.nn.Module, lookup: Any, job: JobRecord):
+    def __init__(self, unet: torch.nn.Module, lookup: Any, job: JobRecord,
+                 show_progress: Callable[[Optional[str]], None] = lambda text: None):
         self.unet = unet
         self.lookup = lookup
         self.job = job
+        self.show_progress = show_progress
         self.watch = WeightWatch(unet)
         self.value_check_pending = not lookup.entry.key.options.quantization  # int8 copies hold other values
         self.failed: Optional[str] = None
@@ -113,7 +116,9 @@ class UNetRouter:
         if self.failed is None:
             try:
                 self.sync_weights()
-                output = self.lookup.unet(*_contiguous_sample(args, kwargs), **kwargs)
+                args = _contiguous_sample(args, kwargs)
+                with STATE.watch_compile(self.lookup.entry, args, kwargs, self.show_progress):
+                    output = self.lookup.unet(*args, **kwargs)
                 self.compiled_calls += 1
                 return output
             except UNetStructureChanged as error:

@@ -13,13 +13,11 @@ from typing import Optional
 
 import gradio as gr
 
-from compile import BackendUnavailable
-from compile.persistent_cache import PersistentCache
+from compile import BackendUnavailable, available_backends
 from modules import devices, shared
 
 from . import api_form
 from .state import (
-    BACKEND_CHOICES,
     COMPILE_MODE_CHOICES,
     DEFAULT_CACHE_DIR,
     OPTION_BACKEND,
@@ -33,7 +31,11 @@ from .state import (
     QUANTIZATION_SPEED_FILE,
     SCRIPT_TITLE,
     STATE,
+    JobRecord,
     Settings,
+    backend_choices,
+    backend_label,
+    backend_name,
     device_name,
     quantization_checkbox as quantization_checkbox_text,
     read_quantization_speed_file,
@@ -66,7 +68,7 @@ def read_settings() -> Settings:
     defaults = Settings()
     opts = shared.opts
     return Settings(
-        backend=str(opts.data.get(OPTION_BACKEND, defaults.backend) or defaults.backend),
+        backend=backend_name(opts.data.get(OPTION_BACKEND, defaults.backend)),
         compile_mode=str(opts.data.get(OPTION_COMPILE_MODE, defaults.compile_mode) or defaults.compile_mode),
         dynamic=bool(opts.data.get(OPTION_DYNAMIC, defaults.dynamic)),
         cache_dir=str(opts.data.get(OPTION_CACHE_DIR, defaults.cache_dir) or ""),
@@ -75,13 +77,16 @@ def read_settings() -> Settings:
     )
 
 
-def compiled_unet_lookup(unet, quantization: str = ""):
+def compiled_unet_lookup(unet, job: JobRecord, quantization: str = ""):
     """(the graph cache's lookup for ``unet`` under the current settings, None) or (None, why the job runs
     eagerly): a backend that cannot run here, a compile that could not be prepared, a graph that failed before."""
     try:
         lookup = STATE.cache.get(unet, STATE.settings.backend, STATE.settings.compile_options(quantization))
-    except BackendUnavailable as error:
-        return None, str(error)
+    except BackendUnavailable as error:  # the image's info says so briefly; the status route and console fully
+        if str(error) not in job.details:  # once per job, not per batch or sampling call
+            job.details.append(str(error))
+            logger.warning("OneDiff: %s", error)
+        return None, f"backend {error.backend} not available"
     except Exception as error:  # noqa: BLE001
         logger.error("OneDiff: could not prepare a compiled UNet\n%s", traceback.format_exc())
         return None, f"compile failed ({type(error).__name__}: {error})"
@@ -126,12 +131,20 @@ def ensure_recompile_limit(max_graphs: int) -> int:
     return dynamo_config.recompile_limit
 
 
+def show_in_progress_bar(text: Optional[str]) -> None:
+    """The line the webui's progress bar shows beside the percentage (``compile_progress``)."""
+    shared.state.textinfo = text
+
+
 def on_ui_settings():
     section = ("onediff", "OneDiff")
+    reasons = available_backends()
     options = {
+        # Plain strings as choices, given by a callable: the backends that cannot run here say why. The stored
+        # value is the entry's text; read_settings maps it back to the backend's name.
         OPTION_BACKEND: shared.OptionInfo(
-            "auto", "Compile backend (auto: oneflow, then nexfort, then inductor)", gr.Dropdown,
-            {"choices": BACKEND_CHOICES}, section=section,
+            backend_label("auto", reasons), "Compile backend (auto: oneflow, then nexfort, then inductor)",
+            gr.Dropdown, lambda: {"choices": backend_choices(available_backends())}, section=section,
         ),
         OPTION_COMPILE_MODE: shared.OptionInfo(
             "auto", "Compile mode (auto: CUDA graphs on a CUDA GPU; default: never CUDA graphs)",
@@ -152,8 +165,8 @@ def on_ui_settings():
         ),
         OPTION_CACHE_DIR: shared.OptionInfo(
             DEFAULT_CACHE_DIR,
-            "Compile cache folder: compiled graphs kept across restarts (empty: none; applies after a restart)",
-            section=section,
+            "Compile cache folder: compiled graphs kept across restarts (empty: none; used for graphs built after "
+            "the change)", section=section,
         ),
         OPTION_CLEAR_CACHE: shared.OptionInfo(
             False, "Clear the compile cache when these settings are applied", onchange=clear_compile_cache,
@@ -163,22 +176,23 @@ def on_ui_settings():
     if hasattr(shared, "OptionHTML"):  # A1111; SD.Next has no HTML settings line (its status route shows the cache)
         options["onediff_compile_cache_size"] = _live_html(compile_cache_html, section)
     for key, info in options.items():
+        if key not in (OPTION_CLEAR_CACHE, "onediff_compile_cache_size"):
+            info.onchange = apply_settings  # the status line tells the new settings before the next job
         shared.opts.add_option(key, info)
+    # the stored choice shown as today's entry for its backend (availability may have changed since it was saved);
+    # SD.Next keeps defaults out of opts.data
+    stored = shared.opts.data.get(OPTION_BACKEND)
+    if stored is not None:
+        shared.opts.data[OPTION_BACKEND] = backend_label(backend_name(stored), reasons)
 
 
-def apply_cache_dir() -> None:
-    """Keep compiled graphs on disk across restarts in the configured folder (read at start-up)."""
-    folder = str(shared.opts.data.get(OPTION_CACHE_DIR, DEFAULT_CACHE_DIR) or "")
-    STATE.cache.persistent = PersistentCache(folder) if folder else None
+def apply_settings() -> None:
+    """Take the OneDiff settings into ``STATE`` (at start-up and when they change in Settings)."""
+    STATE.apply_settings(read_settings())
 
 
 def compile_cache_html() -> str:
-    persistent = STATE.cache.persistent
-    if persistent is None:
-        return "<p>Compile cache: off (no folder set).</p>"
-    status = persistent.status()
-    return (f"<p>Compile cache: {status['entries']} graph(s), {status['size_bytes'] / 2**20:.1f} MB in "
-            f"<code>{html.escape(status['folder'])}</code></p>")
+    return f"<p>{html.escape(STATE.compile_cache_text())}</p>"
 
 
 def clear_compile_cache() -> None:
@@ -192,7 +206,9 @@ def clear_compile_cache() -> None:
 def _live_html(render, section):
     """A settings line whose HTML is computed on every page load (gradio calls a callable value)."""
     option = shared.OptionHTML("")
-    option.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info")
+    # javascript/onediff_status.js renders it again after Settings are applied, by its elem_id
+    option.component = lambda **kwargs: gr.HTML(value=render, elem_classes="settings-info",
+                                                elem_id=kwargs.get("elem_id"))
     option.section = section
     return option
 

@@ -37,6 +37,7 @@ from .webui_common import (
     ensure_recompile_limit,
     quantization_unavailable,
     read_settings,
+    show_in_progress_bar,
 )
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
@@ -105,7 +106,8 @@ class GuardedUNet(EagerUNetView):
                 attention = a1111_attention.traceable_attention(devices.device.type)
                 with a1111_lora.original_forwards(), attention as replaced:
                     self.job.attention_replaced = self.job.attention_replaced or replaced or ""
-                    return self.compiled(*args, **kwargs)
+                    with STATE.watch_compile(self.compiled.entry, args, kwargs, show_in_progress_bar):
+                        return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 (any failure of the compiled path must not lose the job)
                 self.failed = True
                 reason = f"compiled UNet failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
@@ -198,7 +200,7 @@ class CompiledSampling:
 
     def _lookup(self, sd_model):
         """(the compiled UNet's lookup for ``sd_model``, None) or (None, why it runs eagerly)."""
-        return compiled_unet_lookup(sd_model.model.diffusion_model, self.quantization)
+        return compiled_unet_lookup(sd_model.model.diffusion_model, self.job, self.quantization)
 
     def _swap_in(self, sd_model, lookup) -> None:
         entry = lookup.entry

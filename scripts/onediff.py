@@ -25,11 +25,12 @@ HOST = hosts.detect()
 job_hooks = hosts.job_hooks(HOST)
 
 
+FIRST_COMPILE_NOTICE = ("The first job with a new model structure or image size compiles for about a minute "
+                        "(progress shows in the bar); later jobs reuse it.")
+
+
 def _status_html() -> str:
-    job = STATE.last_job
-    last = f"last job: {job.info_text()}" if job else "no job yet"
-    text = f"OneDiff: backend {STATE.settings.backend}, {len(STATE.cache.entries())} graph(s) cached; {last}"
-    return f"<p>{html.escape(text)}</p>"
+    return f"<p>{html.escape(STATE.summary())}</p>"
 
 
 class Script(scripts.Script):
@@ -41,8 +42,10 @@ class Script(scripts.Script):
 
     def ui(self, is_img2img):
         quantization = gr.Checkbox(value=False, **webui_common.quantization_checkbox())
+        gr.HTML(value=f"<p>{html.escape(FIRST_COMPILE_NOTICE)}</p>", elem_classes="onediff-notice")
         with gr.Row():
-            status = gr.HTML(value=_status_html)  # a callable value is evaluated on every page load
+            # a callable value is evaluated on every page load; javascript/onediff_status.js keeps it current
+            status = gr.HTML(value=_status_html, elem_classes="onediff-status")
             refresh = gr.Button(value="Refresh status", size="sm", scale=0, min_width=130)
         refresh.click(fn=_status_html, inputs=[], outputs=[status])
         return [quantization]
@@ -51,7 +54,7 @@ class Script(scripts.Script):
         return job_hooks.process_images(p, ScriptArgs.parse(list(args)))
 
 
-webui_common.apply_cache_dir()
+webui_common.apply_settings()  # the status line is right before any job
 script_callbacks.on_ui_settings(webui_common.on_ui_settings)
 script_callbacks.on_app_started(webui_common.on_app_started)
 if HOST == hosts.A1111:

@@ -130,3 +130,17 @@ def test_a_second_graph_of_a_bound_module_never_shares_the_first_graphs_storage(
         assert torch.equal(tensor, values[name]), name
     for name, tensor in first_model.state_dict().items():  # the first model still holds its own weights
         assert torch.equal(tensor, values[name]), name
+
+
+def test_an_entry_knows_which_calls_build_a_graph(tiny_sd15):
+    """The first call's latent shape is recorded as compiled; a call with shapes served before is not expected
+    to compile, one with a new batch size is (static shapes), without calling it."""
+    entry, inputs = tiny_sd15.lookup.entry, tiny_sd15.inputs
+    assert entry.compiled_shapes[0] == "x".join(str(size) for size in inputs.sample.shape)
+    served = (inputs.sample, inputs.timestep)
+    assert not entry.will_compile(served, {"encoder_hidden_states": inputs.encoder_hidden_states})
+    unseen_batch = inputs.sample.repeat(7, 1, 1, 1)
+    assert entry.will_compile((unseen_batch, inputs.timestep), {"encoder_hidden_states": inputs.encoder_hidden_states})
+    longer_prompt = inputs.encoder_hidden_states.repeat(1, 3, 1)  # same image size, another context length
+    assert entry.will_compile(served, {"encoder_hidden_states": longer_prompt})
+    assert entry.describe()["compiled_shapes"] == entry.compiled_shapes

@@ -1,4 +1,5 @@
-"""Run the real AUTOMATIC1111 webui (v1.10.1) headless, with this extension installed, for the API tests.
+"""Run the real AUTOMATIC1111 webui (v1.10.1) with this extension installed: API alone for the API tests, with
+its browser UI for the UI tests.
 
 Needs ``WEBUI_DIR`` (a webui checkout with its ``repositories/``) and ``WEBUI_PYTHON`` (a Python with the
 webui's requirements; default: this interpreter). The session builds tiny checkpoints, gives the webui its own
@@ -44,11 +45,14 @@ def tiny_checkpoints(tmp_path_factory, webui_python):
     return folder, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
-def webui(tmp_path_factory, webui_python, tiny_checkpoints):
+def start_webui(tmp_path_factory, webui_python, tiny_checkpoints, *, with_ui=False, name="webui-data"):
+    """Start the webui with this extension in its own data folder; yields a :class:`WebUI` once it answers.
+
+    ``with_ui``: serve the browser UI as well as the API (a UI build takes longer to start); otherwise
+    ``--nowebui``, the API alone."""
     webui_dir = _webui_dir()
     checkpoint_dir, names = tiny_checkpoints
-    data_dir = tmp_path_factory.mktemp("webui-data")
+    data_dir = tmp_path_factory.mktemp(name)
     extensions = data_dir / "extensions"
     extensions.mkdir()
     os.symlink(REPO_ROOT, extensions / EXTENSION_NAME)
@@ -66,7 +70,8 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
     log_path = data_dir / "webui.log"
     command = [
         webui_python, "launch.py", "--skip-prepare-environment", "--use-cpu", "all", "--no-half",
-        "--precision", "full", "--no-download-sd-model", "--api", "--nowebui", "--server-name", "127.0.0.1",
+        "--precision", "full", "--no-download-sd-model", "--api", *([] if with_ui else ["--nowebui"]),
+        "--server-name", "127.0.0.1",
         "--port", str(port), "--data-dir", str(data_dir), "--ckpt-dir", str(checkpoint_dir),
         "--ckpt", str(checkpoint_dir / f"{names[0]}.safetensors"), "--lora-dir", str(checkpoint_dir / "Lora"),
     ]
@@ -81,3 +86,15 @@ def webui(tmp_path_factory, webui_python, tiny_checkpoints):
         yield server
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory, webui_python, tiny_checkpoints):
+    """The API alone (``--nowebui``), for test_webui_api.py."""
+    yield from start_webui(tmp_path_factory, webui_python, tiny_checkpoints)
+
+
+@pytest.fixture(scope="session")
+def webui_with_ui(tmp_path_factory, webui_python, tiny_checkpoints):
+    """The browser UI and the API, with its own data and compile cache folders (its first job compiles)."""
+    yield from start_webui(tmp_path_factory, webui_python, tiny_checkpoints, with_ui=True, name="webui-ui-data")
