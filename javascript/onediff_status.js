@@ -64,6 +64,7 @@
         jobWasRunning = running;
     }
 
+    if (typeof onUiLoaded !== "function" || typeof gradioApp !== "function") return; // a UI without A1111's helpers
     onUiLoaded(function() {
         var apply = gradioApp().getElementById("settings_submit");
         if (apply !== null) {

@@ -120,10 +120,11 @@ def generate(page, on_progress=None):
     interrupt.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
     if on_progress is None:
         interrupt.wait_for(state="hidden", timeout=JOB_TIMEOUT_S * 1000)
-    bar, deadline = page.locator("#tab_txt2img .progressDiv .progress"), time.time() + JOB_TIMEOUT_S
+    deadline = time.time() + JOB_TIMEOUT_S
     while on_progress is not None and interrupt.is_visible() and time.time() < deadline:
-        on_progress((bar.first.text_content() if bar.count() else "") or "",
-                    status_line(page, "img2img").text_content())
+        # read in one step in the page: the bar is removed when the job ends, maybe between a count and a read
+        bar_text = page.evaluate("() => document.querySelector('#tab_txt2img .progressDiv .progress')?.textContent")
+        on_progress(bar_text or "", status_line(page, "img2img").text_content())
         page.wait_for_timeout(500)
     deadline = time.time() + UI_TIMEOUT_MS / 1000
     while job_info(page) == before and time.time() < deadline:
@@ -256,7 +257,10 @@ def test_the_backend_setting_marks_backends_that_cannot_run_and_the_status_names
 
     open_onediff_settings(page)
     choose(dropdown, "auto (inductor here)")
-    apply_settings(page, "onediff_backend", expect)
+    apply_settings(page, "onediff_backend", expect)  # the result line already named this key: wait for the server
+    deadline = time.time() + UI_TIMEOUT_MS / 1000
+    while webui_with_ui.status()["backend_resolved"] != "inductor" and time.time() < deadline:
+        time.sleep(0.2)
     assert webui_with_ui.status()["backend_resolved"] == "inductor"
     open_tab(page, "txt2img")
     expect(status_line(page, "txt2img")).to_contain_text("backend auto (inductor here)", timeout=UI_TIMEOUT_MS)

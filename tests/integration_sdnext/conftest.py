@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -41,6 +42,16 @@ def tiny_models(tmp_path_factory, sdnext_python):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return folder, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _wait_until_generating(server, timeout_s=300):
+    """SD.Next loads its start-up model in a background thread after the API answers; a job sent meanwhile is
+    aborted ("model not loaded": an answer without info). Return once a one-step eager job generates."""
+    deadline = time.time() + timeout_s
+    while not server.post_ok("/sdapi/v1/txt2img", {"prompt": "warm-up", "steps": 1, "width": 64, "height": 64})["info"]:
+        if time.time() > deadline:
+            pytest.fail(f"SD.Next did not generate within {timeout_s} s\n{server.log_tail()}")
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +89,7 @@ def sdnext(tmp_path_factory, sdnext_python, tiny_models):
     try:
         wait_until_serving(server, STARTUP_TIMEOUT_S, "SD.Next")
         server.post_ok("/sdapi/v1/options", {"sd_model_checkpoint": checkpoints[0]})
+        _wait_until_generating(server)
         yield server
     finally:
         stop(process)
