@@ -161,10 +161,11 @@ def resolve_backend(name: str = AUTO) -> str:
     """The concrete backend for ``name``; ``auto`` picks the best usable one (onediff's own on CUDA first)."""
     name = (name or AUTO).strip().lower()
     if name == AUTO:
-        for candidate in AUTO_ORDER:
-            if availability(candidate) is None:
-                return candidate
-        raise BackendUnavailable(INDUCTOR, availability(INDUCTOR) or "no backend usable")
+        reasons = available_backends()
+        chosen = auto_choice(reasons)
+        if chosen is None:
+            raise BackendUnavailable(INDUCTOR, reasons[INDUCTOR] or "no backend usable")
+        return chosen
     reason = availability(name)
     if reason is not None:
         raise BackendUnavailable(name, reason)

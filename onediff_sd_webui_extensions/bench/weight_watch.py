@@ -10,8 +10,6 @@ storage bit for bit.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Dict, List
 
 import torch
@@ -20,21 +18,14 @@ from compile import count_new_graphs
 from compile.weight_watch import WeightWatch
 from compile.weights import tensors_by_name
 
+from .timing import median_ms
+
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
 def _projections(unet: torch.nn.Module) -> List[torch.nn.Module]:
     return [module for name, module in unet.named_modules()
             if isinstance(module, torch.nn.Linear) and name.endswith(PROJECTIONS)]
-
-
-def _median_ms(action, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        action()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return round(statistics.median(times), 4)
 
 
 def _replace(layers: List[torch.nn.Module], weights: List[torch.Tensor]) -> None:
@@ -56,8 +47,9 @@ def replaced_weights_section(unet: torch.nn.Module, lookup, inputs, *, rank: int
         with_lora.append(weight + up @ down)
     watch = WeightWatch(unet)
     binding, captured = lookup.entry.binding, lookup.entry.module
-    quick_ms = _median_ms(watch.quick_changes, repeat)
-    thorough_ms = _median_ms(lambda: watch.value_changes(captured), max(3, repeat // 10))
+    host = torch.device("cpu")  # the checks are host work (wall time) wherever the UNet runs
+    quick_ms = median_ms(watch.quick_changes, host, warmup=1, repeat=repeat)
+    thorough_ms = median_ms(lambda: watch.value_changes(captured), host, warmup=1, repeat=max(3, repeat // 10))
 
     rebind_ms, found = [], 0
     with count_new_graphs() as counted:
