@@ -2,7 +2,7 @@
 
 A1111 does not run diffusers' UNet: it runs Stability's own classes from its ``repositories/`` folder, with its
 own attention forward. Timing those, with the scaled-dot-product attention the extension traces them with (see
-``onediff_sd_webui_extensions/a1111_attention.py``), is the closest to a webui step without a webui. Their source
+``onediff_sd_webui_extensions/a1111/attention.py``), is the closest to a webui step without a webui. Their source
 is not part of this project: point ``repositories`` at a webui's ``repositories/`` folder (or a copy of
 ``stable-diffusion-stability-ai`` and ``generative-models`` side by side). They need ``einops``.
 """

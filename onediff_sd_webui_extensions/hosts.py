@@ -1,8 +1,8 @@
 """Which webui the extension runs in, and the module that runs its jobs there.
 
-AUTOMATIC1111's webui (and forks that kept its ldm/sgm UNets) runs jobs through ``webui_hooks``; SD.Next, whose
+AUTOMATIC1111's webui (and forks that kept its ldm/sgm UNets) runs jobs through ``a1111/hooks.py``; SD.Next, whose
 generation goes through diffusers pipelines (``modules.processing_diffusers``, absent from A1111), through
-``sdnext_hooks``. Both share the settings, the status route and the checkbox (``webui_common``).
+``sdnext/hooks.py``. Both share the settings, the status route and the checkbox (``webui_common``).
 """
 
 from __future__ import annotations
@@ -25,5 +25,6 @@ def detect() -> str:
 
 def job_hooks(host: str):
     """The module with ``process_images(p, script_args)`` for ``host`` (imports the webui's modules)."""
-    name = {A1111: "webui_hooks", SDNEXT: "sdnext_hooks"}[host]
-    return importlib.import_module(f"{__package__}.{name}")
+    if host not in (A1111, SDNEXT):
+        raise ValueError(f"unknown webui host {host!r}")
+    return importlib.import_module(f"{__package__}.{host}.hooks")

@@ -3,7 +3,7 @@
 The txt2img and img2img tabs each create their own ``Script`` instance, but there is one UNet in memory and one
 set of compiled graphs, so the graph cache, the settings and the counters live in a single
 :class:`OneDiffState` (``STATE``) that both instances and the status route read. Nothing here imports the
-webui: the pieces that do are in ``webui_common.py`` and ``webui_hooks.py``.
+webui: the pieces that do are ``webui_common.py`` and the host subpackages (``a1111/``, ``sdnext/``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class JobRecord:
     bind_ms: float = 0.0
     new_graphs: int = 0
     graph_breaks: int = 0  # the compiled UNet runs in pieces: a host or user setting dynamo cannot trace
-    attention_replaced: str = ""  # the webui's attention forward the graph was traced without (a1111_attention)
+    attention_replaced: str = ""  # the webui's attention forward the graph was traced without (a1111/attention.py)
     recompile_limit_hit: bool = False
     notices: List[str] = dataclasses.field(default_factory=list)  # short, for the image's info line
     details: List[str] = dataclasses.field(default_factory=list)  # the full reasons (status route, console)
@@ -175,10 +175,10 @@ class OneDiffState:
         self.last_job: Optional[JobRecord] = None
         self.running_job: Optional[JobRecord] = None  # the job running now (also last_job), None between jobs
         self.compile_progress = CompileProgress()
-        self.last_lora: Optional[Dict[str, Any]] = None  # a1111_lora.LoraApplyReport.as_dict() of the last change
+        self.last_lora: Optional[Dict[str, Any]] = None  # a1111.lora_bridge.LoraApplyReport.as_dict() of the last change
         self.lora_applications = 0
         self.dynamo_recompile_limit: Optional[int] = None  # as set for the last job (a per-context torch setting)
-        # webui_hooks.CompiledSampling of the p.sample call running now (the webui runs one job at a time): the
+        # a1111.hooks.CompiledSampling of the p.sample call running now (the webui runs one job at a time): the
         # denoiser's per-step callback hands it the model the webui switched to (the refiner)
         self.active_sampling: Any = None
 

@@ -1,6 +1,6 @@
 """What the extension shows and reads in the webui whatever the host: its settings section, the status route,
 the quantization checkbox's text. Imported only inside a webui (``modules.shared``, ``modules.devices``);
-the job logic is per host (``webui_hooks`` for A1111).
+the job logic is per host (``a1111/``, ``sdnext/``; ``hosts.py`` picks one).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ webui and in SD.Next.
 
 Thin on purpose: argument parsing and state are in ``onediff_sd_webui_extensions.state``, the settings and the
 status route in ``onediff_sd_webui_extensions.webui_common``, and the job itself in the host's module
-(``webui_hooks`` for A1111, ``sdnext_hooks`` for SD.Next; ``hosts`` picks it).
+(``a1111/hooks.py`` for A1111, ``sdnext/hooks.py`` for SD.Next; ``hosts`` picks it).
 """
 
 import html

@@ -24,9 +24,8 @@ from typing import Optional
 from compile import compiled_graph_count, graph_break_count
 from modules import processing, shared
 
-from .state import STATE, JobRecord, ScriptArgs
-from .unet_router import UNetRouter
-from .webui_common import (
+from ..state import STATE, JobRecord, ScriptArgs
+from ..webui_common import (
     INFO_KEY,
     announce_first_call,
     compiled_unet_lookup,
@@ -35,6 +34,7 @@ from .webui_common import (
     read_settings,
     show_in_progress_bar,
 )
+from .unet_router import UNetRouter
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from compile import graph_break_count
-from onediff_sd_webui_extensions.a1111_attention import traceable_attention, untraceable_forward
+from onediff_sd_webui_extensions.a1111.attention import traceable_attention, untraceable_forward
 
 
 def _heads(t, heads):

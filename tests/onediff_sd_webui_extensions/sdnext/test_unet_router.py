@@ -8,7 +8,7 @@ import torch
 from compile import count_new_graphs
 from compile.models import build_preset
 from onediff_sd_webui_extensions.state import JobRecord
-from onediff_sd_webui_extensions.unet_router import UNetRouter
+from onediff_sd_webui_extensions.sdnext.unet_router import UNetRouter
 
 TOLERANCE = 1e-4  # fp32
 

@@ -16,7 +16,7 @@ from compile import count_new_graphs
 from compile.lora import attention_and_ff_modules
 from compile.models import build_preset
 from compile.weights import data_pointers, tensors_by_name
-from onediff_sd_webui_extensions.a1111_lora import (
+from onediff_sd_webui_extensions.a1111.lora_bridge import (
     PATCHED_CLASSES,
     A1111LoraState,
     apply_networks_to_unet,
@@ -284,7 +284,7 @@ def test_graph_traced_inside_original_forwards_never_sees_the_patches(lora_exten
 
 
 def test_networks_fingerprint_changes_with_what_the_extension_compares(lora_extension):
-    from onediff_sd_webui_extensions.a1111_lora import networks_fingerprint
+    from onediff_sd_webui_extensions.a1111.lora_bridge import networks_fingerprint
 
     unet = build_preset("tiny")
     name_modules(unet)

@@ -27,10 +27,8 @@ import torch
 from compile import CompileOptions, compiled_graph_count, graph_break_count
 from modules import devices, processing, sd_unet, shared
 
-from . import a1111_attention, a1111_lora
-from .unet_swap import EagerUNetView
-from .state import STATE, JobRecord, ScriptArgs
-from .webui_common import (
+from ..state import STATE, JobRecord, ScriptArgs
+from ..webui_common import (
     INFO_KEY,
     announce_first_call,
     compiled_unet_lookup,
@@ -39,6 +37,8 @@ from .webui_common import (
     read_settings,
     show_in_progress_bar,
 )
+from . import attention, lora_bridge
+from .unet_swap import EagerUNetView
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
 
@@ -78,7 +78,7 @@ class GuardedUNet(EagerUNetView):
     def _apply_lora(self) -> None:
         # The first call of the job applies; later calls only when the loaded networks changed (hires fix may
         # activate others). Walking every LoRA-able layer again cost 0.4 ms (SD1.5) / 1.1 ms (SDXL) per step.
-        fingerprint = a1111_lora.networks_fingerprint()
+        fingerprint = lora_bridge.networks_fingerprint()
         if fingerprint == self.lora_fingerprint:
             return
         self.lora_fingerprint = fingerprint
@@ -88,10 +88,10 @@ class GuardedUNet(EagerUNetView):
             # re-quantizes exactly the layers whose weights changed since the last bind (0 recompiles). Bind
             # every time, not only when this call changed something: an eager job may already have applied
             # the same LoRA to the float UNet, and then nothing changes here while the int8 copy lacks it.
-            report = a1111_lora.apply_networks_to_unet(self.eager, self.eager)
+            report = lora_bridge.apply_networks_to_unet(self.eager, self.eager)
             self.binding.bind(self.eager)
         else:
-            report = a1111_lora.apply_networks_to_unet(self.eager, self.captured)
+            report = lora_bridge.apply_networks_to_unet(self.eager, self.captured)
         if report.networks or report.updated_modules or report.dropped_biases:
             STATE.record_lora(report)
             comment = report.comment()
@@ -103,8 +103,8 @@ class GuardedUNet(EagerUNetView):
             try:
                 self._bind_pending_weights()
                 self._apply_lora()
-                attention = a1111_attention.traceable_attention(devices.device.type)
-                with a1111_lora.original_forwards(), attention as replaced:
+                traceable = attention.traceable_attention(devices.device.type)
+                with lora_bridge.original_forwards(), traceable as replaced:
                     self.job.attention_replaced = self.job.attention_replaced or replaced or ""
                     with STATE.watch_compile(self.compiled.entry, args, kwargs, show_in_progress_bar):
                         return self.compiled(*args, **kwargs)

@@ -29,7 +29,7 @@ import torch
 
 from compile.weight_watch import WeightWatch
 
-from .state import STATE, JobRecord
+from ..state import STATE, JobRecord
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
 

@@ -6,7 +6,7 @@ import torch
 from compile.graph_cache import FloatBinding
 from compile.models import build_preset
 from compile.weights import data_pointers
-from onediff_sd_webui_extensions.unet_swap import EagerUNetView
+from onediff_sd_webui_extensions.a1111.unet_swap import EagerUNetView
 
 
 class Wrapper(torch.nn.Module):
