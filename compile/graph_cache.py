@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 
 from .backends import AUTO, CompileOptions, compile_module, resolve_backend, resolve_mode, uses_cuda_graphs
+from .control import ResidualUNet, is_ldm_layout
 from .counters import RecompileLimitWatcher, compiled_graph_count
 from .persistent_cache import PersistentCache, StoredGraph
 from .signature import StructureSignature, structure_signature
@@ -97,6 +98,8 @@ class CompiledUNet(torch.nn.Module):
         object.__setattr__(self, "entry", entry)
 
     def forward(self, *args, **kwargs):
+        """Call the graph. For an ldm-layout UNet, ``residuals=`` (a :class:`compile.control.Residuals`) gives
+        control residuals; without it the same graph adds zeros."""
         entry = self.entry
         graphs_before = compiled_graph_count()
         first_call = entry.compile_s is None
@@ -107,8 +110,12 @@ class CompiledUNet(torch.nn.Module):
         if entry.cuda_graphs:
             entry.note_placement()
             torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs were copied out
+        if entry.residual_unet is not None:  # an ldm-layout UNet: every call passes every control residual
+            graph_args, graph_kwargs = entry.residual_unet.call_arguments(args, kwargs), {}
+        else:
+            graph_args, graph_kwargs = args, kwargs
         with entry.stored.activated() if entry.stored is not None else contextlib.nullcontext():
-            output = self.graph(*args, **kwargs)
+            output = self.graph(*graph_args, **graph_kwargs)
         if entry.cuda_graphs:
             output = copy_out_of_graph_memory(output)
         new_graphs = compiled_graph_count() - graphs_before
@@ -174,6 +181,7 @@ class GraphEntry:
     calls: int = 0
     reuses: int = 0
     unet: Optional[CompiledUNet] = None
+    residual_unet: Optional[ResidualUNet] = None  # what was compiled for an ldm-layout UNet (control residuals)
     stored: Optional[StoredGraph] = None  # its persistent cache entry, when the GraphCache has one
     memory_growth_bytes: int = 0  # device memory the allocator reserved during its calls (kernels, graph pools)
     moves_after_capture: int = 0  # calls that found the captured weights moved (torch re-records the graph)
@@ -283,10 +291,12 @@ class GraphCache:
         self.evictions = 0
         self.persistent = persistent
         self.recompile_limit_watcher = RecompileLimitWatcher.install()
+        # names of module attributes that hosts and their extensions set as per-job state (see structure_signature)
+        self.runtime_attributes: Set[str] = set()
 
     def key_for(self, module: torch.nn.Module, backend: str = AUTO, options: Optional[CompileOptions] = None):
         """The cache key of ``module``; the compile mode in it is resolved for the module's device (``auto``)."""
-        signature = structure_signature(module)
+        signature = structure_signature(module, self.runtime_attributes)
         device, dtype = _device_and_dtype(module)
         options = options or CompileOptions()
         options = dataclasses.replace(options, mode=resolve_mode(options.mode, device))
@@ -311,8 +321,11 @@ class GraphCache:
                 give_own_storage(module, [other.module for other in self._entries.values()])
             binding = binding_for(key.options, module)
             stored = self.persistent.open(key) if self.persistent is not None else None
-            compiled = compile_module(binding.template, key.backend, key.options)
-            entry = GraphEntry(key, signature, binding.template, compiled, binding=binding, stored=stored)
+            residual_unet = ResidualUNet(binding.template) if is_ldm_layout(binding.template) else None
+            target = residual_unet if residual_unet is not None else binding.template
+            compiled = compile_module(target, key.backend, key.options)
+            entry = GraphEntry(key, signature, binding.template, compiled, binding=binding, stored=stored,
+                               residual_unet=residual_unet)
             entry.unet = CompiledUNet(entry)
             self._entries[key] = entry
             self.compiles += 1

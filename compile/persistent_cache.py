@@ -47,7 +47,7 @@ from .backends import QUANTIZED_INDUCTOR_CONFIG
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: ldm-layout UNets compile with control residuals as inputs (compile.control)
 MANIFEST = "manifest.json"
 INDUCTOR_FOLDER = "inductor"
 # Files inductor writes for its own coordination, never read as cache content.

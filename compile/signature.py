@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import types
-from typing import Any, Iterator, Tuple
+from typing import AbstractSet, Any, Iterator, Tuple
 
 import torch
 
@@ -38,13 +38,16 @@ def _setting_value(value: Any) -> Any:
 
 # Attributes that hosts attach to modules as runtime state, not structure: A1111's Lora extension keeps the
 # applied networks and weight backups on every layer (network_current_names, network_weights_backup, ...).
+# An instance-level ``forward`` is not structure either: a compiled graph runs the classes' forwards (see
+# weights.aliasing_clone); whether a job may bypass such an override is the host's decision.
 _RUNTIME_STATE_PREFIXES = ("_", "network_")
+_RUNTIME_STATE_NAMES = frozenset({"training", "forward"})
 
 
-def _module_settings(module: torch.nn.Module) -> dict:
+def _module_settings(module: torch.nn.Module, runtime_attributes: AbstractSet[str]) -> dict:
     settings = {}
     for key, value in vars(module).items():
-        if key.startswith(_RUNTIME_STATE_PREFIXES) or key == "training":
+        if key.startswith(_RUNTIME_STATE_PREFIXES) or key in _RUNTIME_STATE_NAMES or key in runtime_attributes:
             continue
         described = _setting_value(value)
         if described is not None:
@@ -70,11 +73,12 @@ class StructureSignature:
         return f"{self.class_name}:{self.digest[:12]}"
 
 
-def structure_signature(module: torch.nn.Module) -> StructureSignature:
-    """Fingerprint ``module``: classes and settings of every submodule, every tensor's name, shape and dtype."""
+def structure_signature(module: torch.nn.Module, runtime_attributes: AbstractSet[str] = frozenset()) -> StructureSignature:
+    """Fingerprint ``module``: classes and settings of every submodule, every tensor's name, shape and dtype.
+    ``runtime_attributes``: more attribute names that are per-job state (a host's extensions set them)."""
     description = {
         "modules": [
-            [name, f"{type(sub).__module__}.{type(sub).__qualname__}", _module_settings(sub)]
+            [name, f"{type(sub).__module__}.{type(sub).__qualname__}", _module_settings(sub, runtime_attributes)]
             for name, sub in module.named_modules(remove_duplicate=False)
         ],
         "tensors": [[name, list(t.shape), str(t.dtype)] for name, t in _named_tensors(module)],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import types
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -48,16 +49,22 @@ def aliasing_clone(module: torch.nn.Module, _memo: Optional[dict] = None) -> tor
     """A copy of ``module``'s tree with new module and tensor objects viewing the same storage (no data copied).
 
     Other attributes are shared shallowly (configs, A1111's per-module bookkeeping); hook dictionaries are
-    copied so hooks added to one tree later do not appear in the other.
+    copied so hooks added to one tree later do not appear in the other. The clone computes its classes'
+    forwards: a ``forward`` set on an instance (ControlNet's per-job hook, a host's router) is not copied, since
+    it would run the original's code on the original's weights and keep its state alive with the graph; other
+    methods bound to the original are bound to the clone.
     """
     memo = {} if _memo is None else _memo
     if id(module) in memo:
         return memo[id(module)]
     clone = copy.copy(module)
     memo[id(module)] = clone
+    vars(clone).pop("forward", None)
     for key, value in list(vars(clone).items()):
         if key.startswith("_") and key.endswith("hooks") and isinstance(value, dict):
             setattr(clone, key, type(value)(value))
+        elif isinstance(value, types.MethodType) and value.__self__ is module:
+            setattr(clone, key, types.MethodType(value.__func__, clone))
 
     def alias(tensor):
         if tensor is None:
