@@ -137,6 +137,8 @@ class JobRecord:
     graph_breaks: int = 0  # the compiled UNet runs in pieces: a host or user setting dynamo cannot trace
     attention_replaced: str = ""  # the webui's attention forward the graph was traced without (a1111/attention.py)
     recompile_limit_hit: bool = False
+    control_units: int = 0  # ControlNet / T2I-Adapter units enabled for the job
+    control_eager_reason: str = ""  # why those units made the job run eagerly
     notices: List[str] = dataclasses.field(default_factory=list)  # short, for the image's info line
     details: List[str] = dataclasses.field(default_factory=list)  # the full reasons (status route, console)
     seconds: float = 0.0
@@ -156,6 +158,8 @@ class JobRecord:
             parts.append(f"{self.graph_breaks} graph break(s)")
         if self.attention_replaced:
             parts.append(f"sdp attention (for {self.attention_replaced})")
+        if self.control_units:
+            parts.append(f"{self.control_units} ControlNet unit(s) compiled")
         parts.extend(self.notices)
         return ", ".join(parts)
 
@@ -181,6 +185,10 @@ class OneDiffState:
         # a1111.hooks.CompiledSampling of the p.sample call running now (the webui runs one job at a time): the
         # denoiser's per-step callback hands it the model the webui switched to (the refiner)
         self.active_sampling: Any = None
+        self.controlnet_support: Any = None  # a1111.controlnet.Support, once checked
+        self.controlnet_compiled_jobs = 0
+        self.controlnet_eager_jobs = 0
+        self.controlnet_eager_reasons: Dict[str, int] = {}  # why ControlNet jobs ran eagerly, with their counts
 
     def apply_settings(self, settings: Settings) -> None:
         """Take new settings; a changed cache folder is used for graphs built from now on (graphs in memory
@@ -204,6 +212,12 @@ class OneDiffState:
             self.save_quantization_speed()
         else:
             self.eager_jobs += 1
+        if job.control_units and job.accelerated:
+            self.controlnet_compiled_jobs += 1
+        elif job.control_units:
+            self.controlnet_eager_jobs += 1
+            reason = job.control_eager_reason or "; ".join(job.notices) or "not accelerated"
+            self.controlnet_eager_reasons[reason] = self.controlnet_eager_reasons.get(reason, 0) + 1
 
     def save_quantization_speed(self) -> None:
         """Write what the graph cache measured of quantized against float graphs (both used at one size) to
@@ -298,6 +312,12 @@ class OneDiffState:
             "last_lora_fuse_ms": None if self.last_lora is None else round(self.last_lora["apply_ms"], 3),
             "last_lora": self.last_lora,
             "lora_applications": self.lora_applications,
+            "controlnet": {
+                "extension": None if self.controlnet_support is None else self.controlnet_support.describe(),
+                "compiled_jobs": self.controlnet_compiled_jobs,
+                "eager_jobs": self.controlnet_eager_jobs,
+                "eager_reasons": dict(self.controlnet_eager_reasons),
+            },
             "device_memory_mb": _device_memory_mb(),
             "torch": torch.__version__,
         }

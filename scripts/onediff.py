@@ -59,3 +59,4 @@ script_callbacks.on_ui_settings(webui_common.on_ui_settings)
 script_callbacks.on_app_started(webui_common.on_app_started)
 if HOST == hosts.A1111:
     script_callbacks.on_cfg_denoiser(job_hooks.on_cfg_denoiser)  # the refiner switches models between steps
+    script_callbacks.on_app_started(job_hooks.on_app_started)  # after every extension loaded: ControlNet's check

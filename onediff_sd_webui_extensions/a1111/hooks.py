@@ -37,10 +37,25 @@ from ..webui_common import (
     read_settings,
     show_in_progress_bar,
 )
-from . import attention, lora_bridge
+from . import attention, controlnet, lora_bridge
 from .unet_swap import EagerUNetView
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
+STATE.cache.runtime_attributes |= controlnet.RUNTIME_ATTRIBUTES
+
+
+def controlnet_support() -> controlnet.Support:
+    """sd-webui-controlnet checked against the seam once it is loaded (its scripts load after this one)."""
+    if STATE.controlnet_support is None or not STATE.controlnet_support.loaded:
+        STATE.controlnet_support = controlnet.support()
+    return STATE.controlnet_support
+
+
+def on_app_started(_demo, _app) -> None:
+    """Every extension's scripts are loaded: say on the console whether ControlNet's units run compiled."""
+    found = controlnet_support()
+    if found.loaded:
+        print(f"OneDiff: sd-webui-controlnet {found.describe()}", flush=True)
 
 
 _NOT_APPLIED_YET = object()  # equal to no networks fingerprint: the first call of a job always applies
@@ -58,14 +73,19 @@ class GuardedUNet(EagerUNetView):
     To the rest of the webui it is the eager UNet (:class:`unet_swap.EagerUNetView`): a checkpoint loaded
     during the job (a refiner of the same config) is bound to the graph before the next call, and LoRA is
     applied again, as A1111 resets it on a load.
+
+    ControlNet: with ``control`` (the job's :class:`controlnet.ControlNetJob`), each call first runs
+    ControlNet's own forward up to the UNet body, eagerly as in any job, and the compiled graph gets the
+    inputs and residuals it prepared.
     """
 
     def __init__(self, compiled: torch.nn.Module, eager: torch.nn.Module, captured: torch.nn.Module,
-                 job: JobRecord, graph_key: Any, binding: Any):
+                 job: JobRecord, graph_key: Any, binding: Any, control: Optional[controlnet.ControlNetJob] = None):
         super().__init__(eager, compiled, binding)
         object.__setattr__(self, "captured", captured)
         object.__setattr__(self, "job", job)
         object.__setattr__(self, "graph_key", graph_key)
+        object.__setattr__(self, "control", control)
         self.failed = False
         self.lora_fingerprint: Any = _NOT_APPLIED_YET
 
@@ -103,11 +123,15 @@ class GuardedUNet(EagerUNetView):
             try:
                 self._bind_pending_weights()
                 self._apply_lora()
+                call_args, call_kwargs = args, kwargs
+                if self.control is not None:  # ControlNet's units, computed as in an eager job
+                    controlled = self.control.capture(args, kwargs, self.compiled.entry.residual_unet)
+                    call_args, call_kwargs = controlled.arguments()
                 traceable = attention.traceable_attention(devices.device.type)
                 with lora_bridge.original_forwards(), traceable as replaced:
                     self.job.attention_replaced = self.job.attention_replaced or replaced or ""
-                    with STATE.watch_compile(self.compiled.entry, args, kwargs, show_in_progress_bar):
-                        return self.compiled(*args, **kwargs)
+                    with STATE.watch_compile(self.compiled.entry, call_args, call_kwargs, show_in_progress_bar):
+                        return self.compiled(*call_args, **call_kwargs)
             except Exception as error:  # noqa: BLE001 (any failure of the compiled path must not lose the job)
                 self.failed = True
                 reason = f"compiled UNet failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
@@ -119,6 +143,11 @@ class GuardedUNet(EagerUNetView):
         return self.eager(*args, **kwargs)
 
 
+# A1111 replaces ldm's and sgm's UNetModel.forward with this (modules/sd_unet.py); the compiled graph runs the
+# UNet's blocks instead, as that forward does when no other "SD Unet" is selected (checked in _eager_reason)
+A1111_UNET_FORWARD = "create_unet_forward.<locals>.UNetModel_forward"
+
+
 def _eager_reason(sd_model) -> Optional[str]:
     if shared.cmd_opts.lowvram:
         return "--lowvram moves UNet blocks during the forward, which a compiled graph cannot follow"
@@ -128,6 +157,9 @@ def _eager_reason(sd_model) -> Optional[str]:
         return f"another SD Unet is active ({sd_unet.current_unet_option.label})"
     if isinstance(sd_model.model.diffusion_model, GuardedUNet):
         return "UNet already swapped by a job that is still running"
+    unet_class = type(sd_model.model.diffusion_model)
+    if unet_class.forward.__qualname__ not in (f"{unet_class.__qualname__}.forward", A1111_UNET_FORWARD):
+        return f"{unet_class.__qualname__}.forward was replaced by {unet_class.forward.__qualname__}"
     return None
 
 
@@ -181,9 +213,9 @@ class CompiledSampling:
                 job.notices.append(f"{request} requested but {missing}; compiled without it")
             else:
                 self.quantization = request
-        lookup = None
+        lookup = control = None
         if reason is None:
-            lookup, reason = self._lookup(sd_model)
+            lookup, control, reason = self._lookup(sd_model)
         if lookup is None:
             job.accelerated = False
             job.notices.append(reason)
@@ -196,20 +228,35 @@ class CompiledSampling:
         job.cuda_graphs = lookup.entry.cuda_graphs
         job.reused = lookup.reused if job.reused is None else job.reused
         job.from_compile_cache = job.from_compile_cache or (not lookup.reused and bool(lookup.entry.cache_hit))
-        self._swap_in(sd_model, lookup)
+        self._swap_in(sd_model, lookup, control)
 
     def _lookup(self, sd_model):
-        """(the compiled UNet's lookup for ``sd_model``, None) or (None, why it runs eagerly)."""
-        return compiled_unet_lookup(sd_model.model.diffusion_model, self.job, self.quantization)
+        """(the compiled UNet's lookup for ``sd_model``, ControlNet's hook on it or None, None) or (None, None,
+        why it runs eagerly). A UNet whose
+        forward another extension replaced runs compiled only when that is ControlNet with units the graph can
+        take as residuals (:mod:`controlnet`)."""
+        unet = sd_model.model.diffusion_model
+        control, reason = controlnet.job_for(unet)
+        if control is not None:
+            reason = control.eager_reason(controlnet_support())
+            self.job.control_units = len(control.units)
+        if reason is not None:
+            if control is not None:
+                self.job.control_eager_reason = reason
+            return None, None, reason
+        lookup, reason = compiled_unet_lookup(unet, self.job, self.quantization)
+        if lookup is not None and control is not None and lookup.entry.residual_unet is None:
+            return None, None, "ControlNet needs a UNet of ldm's layout"
+        return lookup, control, reason
 
-    def _swap_in(self, sd_model, lookup) -> None:
+    def _swap_in(self, sd_model, lookup, control) -> None:
         entry = lookup.entry
         if entry.compile_s is None:
             announce_first_call(entry)
         self.job.bind_ms += lookup.bind_ms
         wrapper = sd_model.model
         eager = wrapper.diffusion_model
-        stand_in = GuardedUNet(lookup.unet, eager, entry.module, self.job, entry.key, entry.binding)
+        stand_in = GuardedUNet(lookup.unet, eager, entry.module, self.job, entry.key, entry.binding, control)
         wrapper.diffusion_model = stand_in
         self.swaps.append(_Swap(wrapper, eager, stand_in, lookup, entry.compile_s is None, entry.moves_after_capture))
 
@@ -233,13 +280,13 @@ class CompiledSampling:
             if swap.stand_in is stand_in:  # back to a model swapped before: the graph must get its weights again
                 stand_in.weights_pending = True
                 return
-        lookup, reason = None, _eager_reason(sd_model)
+        lookup, control, reason = None, None, _eager_reason(sd_model)
         if reason is None:
-            lookup, reason = self._lookup(sd_model)
+            lookup, control, reason = self._lookup(sd_model)
         if lookup is None:
             self._note(f"refiner {title}: eager ({reason})")
             return
-        self._swap_in(sd_model, lookup)
+        self._swap_in(sd_model, lookup, control)
         how = "reused" if lookup.reused else "new graph"
         self._note(f"refiner {title}: compiled, {how} {lookup.entry.signature.short()}")
 

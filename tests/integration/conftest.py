@@ -45,17 +45,24 @@ def tiny_checkpoints(tmp_path_factory, webui_python):
     return folder, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def start_webui(tmp_path_factory, webui_python, tiny_checkpoints, *, with_ui=False, name="webui-data"):
+def start_webui(tmp_path_factory, webui_python, tiny_checkpoints, *, with_ui=False, name="webui-data",
+                other_extensions=None, control_models=None):
     """Start the webui with this extension in its own data folder; yields a :class:`WebUI` once it answers.
 
     ``with_ui``: serve the browser UI as well as the API (a UI build takes longer to start); otherwise
-    ``--nowebui``, the API alone."""
+    ``--nowebui``, the API alone. ``other_extensions``: {folder name: checkout} installed beside ours;
+    ``control_models``: a folder linked as the data folder's ``models/ControlNet``."""
     webui_dir = _webui_dir()
     checkpoint_dir, names = tiny_checkpoints
     data_dir = tmp_path_factory.mktemp(name)
     extensions = data_dir / "extensions"
     extensions.mkdir()
     os.symlink(REPO_ROOT, extensions / EXTENSION_NAME)
+    for folder_name, checkout in (other_extensions or {}).items():
+        os.symlink(checkout, extensions / folder_name)
+    if control_models:
+        (data_dir / "models").mkdir()
+        os.symlink(control_models, data_dir / "models" / "ControlNet")
 
     # As the webui runs it: ``python install.py`` with the webui's root on PYTHONPATH, so ``import launch`` works.
     install = subprocess.run(
@@ -86,6 +93,44 @@ def start_webui(tmp_path_factory, webui_python, tiny_checkpoints, *, with_ui=Fal
         yield server
     finally:
         stop(process)
+
+
+CONTROLNET_COMMIT = "56cec5b2"  # sd-webui-controlnet v1.1.455, the version the seam is checked against
+
+
+@pytest.fixture(scope="session")
+def controlnet_checkout():
+    """sd-webui-controlnet (Mikubill) at v1.1.455, from ``CONTROLNET_DIR``; its requirements must be installed in
+    ``CONTROLNET_PYTHON`` (default: ``WEBUI_PYTHON``), as its own install.py would (it downloads, so it is not
+    run here)."""
+    return checkout_from_env("CONTROLNET_DIR", os.path.join("scripts", "hook.py"),
+                             f"sd-webui-controlnet v1.1.455 (Mikubill, commit {CONTROLNET_COMMIT})")
+
+
+@pytest.fixture(scope="session")
+def controlnet_python(controlnet_checkout, webui_python):
+    return os.environ.get("CONTROLNET_PYTHON") or webui_python
+
+
+@pytest.fixture(scope="session")
+def tiny_control_models(tmp_path_factory, controlnet_python):
+    """Checkpoints whose UNets fit the tiny control models, and the models (see tiny_control_models.py)."""
+    folder = tmp_path_factory.mktemp("control-checkpoints")
+    result = subprocess.run(
+        [controlnet_python, os.path.join(HERE, "tiny_control_models.py"), _webui_dir(), str(folder)],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def webui_with_controlnet(tmp_path_factory, controlnet_python, controlnet_checkout, tiny_control_models):
+    """The API with sd-webui-controlnet installed beside this extension, on the control models' checkpoints."""
+    folder, built = tiny_control_models
+    yield from start_webui(tmp_path_factory, controlnet_python, (folder, built["checkpoints"]),
+                           name="webui-controlnet-data", other_extensions={"sd-webui-controlnet": controlnet_checkout},
+                           control_models=folder / built["control_dir"])
 
 
 @pytest.fixture(scope="session")

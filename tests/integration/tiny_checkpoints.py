@@ -128,7 +128,9 @@ def model_yaml(text_encoder, unet_overrides):
     }
 
 
-def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed, extension=".safetensors"):
+def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed, extension=".safetensors", dtype=None):
+    """``dtype``: the stored parameters' dtype (e.g. ``torch.float16`` to halve a large file; buffers such as
+    ``alphas_cumprod`` keep theirs); default as built."""
     import torch
     import yaml
     from ldm.util import instantiate_from_config
@@ -151,7 +153,8 @@ def write_checkpoint(out_dir, name, text_encoder, unet_overrides, seed, extensio
         moments = model.first_stage_model.quant_conv
         moments.weight[moments.out_channels // 2 :].zero_()
         moments.bias[moments.out_channels // 2 :].fill_(-30.0)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    cast = {key for key, _ in model.named_parameters()} if dtype is not None else set()
+    state = {k: v.detach().to(dtype if k in cast else v.dtype).contiguous() for k, v in model.state_dict().items()}
     if extension == ".ckpt":  # torch's legacy format: A1111's safe unpickler refuses the zip format's newer entries
         torch.save({"state_dict": state}, os.path.join(out_dir, name + extension), _use_new_zipfile_serialization=False)
     else:
