@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from typing import Any, Dict
 
@@ -19,11 +20,10 @@ import torch
 from compile import AUTO_MODE, BackendUnavailable, CompileOptions, count_new_graphs, resolve_backend, resolve_mode
 from compile.models import PRESET_LATENT, PRESETS, build_preset, build_unet, example_inputs, load_checkpoint_unet
 
+from .arguments import DTYPES, DEVICES, MODES, BenchArgumentError, resolve_dtype, validate
 from .cache import add_cache_argument, cache_section, graph_cache_for
 from .compare import compare_modes, mode_name
-from .timing import iterations_per_second, median_ms, peak_memory, progress
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .timing import Timing, iterations_per_second, measure_ms, peak_memory, progress, speedup_noise
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,18 +58,34 @@ def _webui_unets(args: argparse.Namespace, dtype, device):
     return unet, build(1), build(2, in_channels=9), inputs, f"webui {package} UNetModel:{args.preset} (SDP attention)"
 
 
+def inductor_cache_hits() -> int:
+    """Graphs inductor loaded from its own on-disk cache so far in this process (torch's counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"])
+
+
+def first_call_source(entry, inductor_hits: int, cold: bool) -> str:
+    """What the first compiled call did: compiled cold, loaded from ``--cache-dir``, or compiled with code that
+    inductor found in its own cache (a second run: much faster than a cold compile)."""
+    if cold:
+        return "compile, cold: caches off"
+    if entry.cache_hit:
+        return "loaded from --cache-dir"
+    if inductor_hits:
+        return "compile, kernels from inductor's cache; --cold for a cold compile"
+    return "compile"
+
+
 def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device.type)
     backend = resolve_backend(args.backend)
     mode = resolve_mode(args.mode, device)
     options = CompileOptions(mode=mode)
     torch.set_grad_enabled(False)
 
     if args.repositories:
-        if args.checkpoint or args.lora or args.quant != "none":
-            raise ValueError("--repositories times the webui's UNet classes with random weights: use it with a "
-                             "--preset and --no-lora, without --checkpoint or --quant (they use diffusers' names)")
         unet, second, other, inputs, model_name = _webui_unets(args, dtype, device)
         latent = inputs.sample.shape[-1]
     elif args.checkpoint:
@@ -89,16 +105,22 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
           f"latent {latent}", file=sys.stderr)
 
     with peak_memory(device) as eager_peak:
-        eager_ms = median_ms(lambda: inputs.call(unet), device, args.warmup, args.repeat)
+        eager = measure_ms(lambda: inputs.call(unet), device, args.warmup, args.repeat)
+    eager_ms = eager.median
     eager_output = inputs.call(unet)
 
     cache = graph_cache_for(args.cache_dir)
     lookup = cache.get(unet, backend, options)
+    if args.cold:
+        torch._inductor.config.force_disable_caches = True  # neither inductor's own nor a persistent cache is read
+    inductor_hits = inductor_cache_hits()
     with peak_memory(device) as compiled_peak:
-        with progress(f"compiling with {backend} (one time per structure)"):
+        with progress(f"first compiled call: compiling with {backend}, or loading from a cache"):
             compiled_output = inputs.call(lookup.unet)
-        compiled_ms = median_ms(lambda: inputs.call(lookup.unet), device, args.warmup, args.repeat)
+        compiled = measure_ms(lambda: inputs.call(lookup.unet), device, args.warmup, args.repeat)
+    compiled_ms = compiled.median
     compile_s = lookup.entry.compile_s
+    first_call = first_call_source(lookup.entry, inductor_cache_hits() - inductor_hits, args.cold)
     cache_report = cache_section(lookup.entry) if args.cache_dir else None
     compare = None
     if args.compare:
@@ -114,6 +136,16 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
 
         with progress("LoRA as SD.Next applies it: new Parameters, rebound into the graph", every_s=30.0):
             replaced = replaced_weights_section(unet, lookup, inputs)
+    control = None
+    if args.controlnet:
+        from .control import diffusers_section, webui_unet_section
+
+        with progress("ControlNet: a unit's residuals into the compiled graph", every_s=30.0):
+            if args.repositories:
+                control = webui_unet_section(unet, lookup, inputs, device, args.warmup, args.repeat)
+            else:
+                control = diffusers_section(unet, lookup, inputs, cache, backend, options, device, args.warmup,
+                                            args.repeat)
     quant = None
     if args.quant != "none":
         from .quant import quant_section
@@ -139,10 +171,14 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
         "eager_ms": eager_ms,
         "compiled_ms": compiled_ms,
         "speedup": round(eager_ms / compiled_ms, 3),
+        **speedup_noise(eager, compiled),
+        "eager_spread_ms": eager.as_dict(),
+        "compiled_spread_ms": compiled.as_dict(),
         "it_s": iterations_per_second(compiled_ms),
         "eager_it_s": iterations_per_second(eager_ms),
         "peak_memory_mb": {"eager": eager_peak["mb"], "compiled": compiled_peak["mb"]},
         "compile_s": round(compile_s, 2),
+        "first_call": first_call,
         "max_abs_diff": _max_abs_diff(compiled_output, eager_output),
         "switch": {
             "same_structure": {
@@ -161,6 +197,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     if lora is not None:
         report["lora"] = lora
         report["replaced_weights"] = replaced
+    if control is not None:
+        report["controlnet"] = control
     if quant is not None:
         report["quant"] = quant
     return report
@@ -172,10 +210,11 @@ def format_table(report: Dict[str, Any]) -> str:
         ("model", report["model"]),
         ("device / dtype", f"{report['device']} / {report['dtype']}  (torch {report['torch']})"),
         ("backend / mode", f"{report['backend']} / {report['mode']}"),
-        ("eager step", f"{report['eager_ms']:.2f} ms ({report['eager_it_s']:.1f} it/s)"),
-        ("compiled step", f"{report['compiled_ms']:.2f} ms ({report['it_s']:.1f} it/s)"),
-        ("speed-up", f"{report['speedup']:.2f}x"),
-        ("first call (compile)", f"{report['compile_s']:.1f} s"),
+        ("eager step", f"{Timing(**report['eager_spread_ms']).text()}, {report['eager_it_s']:.1f} it/s"),
+        ("compiled step", f"{Timing(**report['compiled_spread_ms']).text()}, {report['it_s']:.1f} it/s"),
+        ("speed-up", f"{report['speedup']:.2f}x (range {report['speedup_range'][0]:.2f}-{report['speedup_range'][1]:.2f}x)"
+                     + (f"  {report['noisy']}" if report["noisy"] else "")),
+        (f"first call ({report['first_call']})", f"{report['compile_s']:.1f} s"),
         ("compiled vs eager", f"max abs diff {report['max_abs_diff']:.2e}"),
         ("switch, same structure", f"reused={same['reused']}, new graphs {same['new_graphs']}, "
                                    f"bind {same['bind_ms']:.1f} ms, max abs diff {same['max_abs_diff']:.2e}"),
@@ -202,6 +241,10 @@ def format_table(report: Dict[str, Any]) -> str:
         from .weight_watch import format_rows
 
         rows += format_rows(report["replaced_weights"])
+    if "controlnet" in report:
+        from .control import format_rows as control_rows
+
+        rows += control_rows(report["controlnet"])
     if "cache" in report:
         cache = report["cache"]
         rows.append(("compile cache", ("hit: loaded" if cache["hit"] else "miss: compiled and stored")
@@ -234,13 +277,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folder; needs einops; with --no-lora")
     parser.add_argument("--backend", default="auto", help="auto, inductor, oneflow or nexfort (default: auto)")
     parser.add_argument("--mode", default=AUTO_MODE,
-                        help="torch.compile mode: auto (CUDA graphs, i.e. reduce-overhead, on CUDA; default elsewhere), "
-                             "default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune")
+                        help=f"torch.compile mode, one of {', '.join(MODES)} (auto: CUDA graphs, i.e. reduce-overhead, on CUDA; "
+                             "default elsewhere)")
     parser.add_argument("--compare", action="store_true",
                         help="also time every compile mode that runs on the device (default and, on CUDA, "
                              "reduce-overhead) in this run, side by side with eager")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+    parser.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} (default auto: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: float16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
     parser.add_argument("--latent", type=int, default=None, help="latent size (image size / 8)")
@@ -248,20 +291,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
                         help="fuse a rank-16 LoRA into the compiled graph and time it (default: on)")
+    parser.add_argument("--controlnet", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time a step with a ControlNet unit, eager and compiled, and count the graphs "
+                             "compiled when its image, strength or model change (default: off)")
     parser.add_argument("--quant", default="none", choices=["none", "int8", "fp8"],
                         help="also compile a quantized (torchao) graph and compare it with float: int8 (dynamic "
                              "where the device runs int8 matmuls, else weight-only) or fp8 (CUDA compute "
                              "capability >= 8.9) (default: none)")
     add_cache_argument(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--cold", action="store_true",
+                        help="compile with torch's caches off, to time a cold compile (a second run otherwise "
+                             "reuses inductor's on-disk cache)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also with ONEDIFF_DEBUG=1)")
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the bench: 2 for arguments it cannot run with, 1 for a failure while running, each said in one line
+    (``--debug`` or ``ONEDIFF_DEBUG=1`` re-raise it with its traceback)."""
+    debug = args.debug or os.environ.get("ONEDIFF_DEBUG", "") not in ("", "0")
     try:
+        validate(args)
         report = run_bench(args)
-    except (BackendUnavailable, FileNotFoundError, ValueError) as error:
+    except (BenchArgumentError, BackendUnavailable) as error:
+        if debug:
+            raise
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 (one line for the user; --debug has the traceback)
+        if debug:
+            raise
+        print(f"bench: error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as handle:

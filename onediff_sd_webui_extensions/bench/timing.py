@@ -7,11 +7,12 @@ events measure the GPU's own time between the start and the end of a call. Every
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 
@@ -21,11 +22,56 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(call: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median time of ``call`` in ms after ``warmup`` untimed calls: CUDA events on CUDA, else wall time.
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Step times of one measurement in ms: the median and the spread of the calls around it."""
+
+    median: float
+    p25: float
+    p75: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, times_ms: List[float]) -> "Timing":
+        ordered = sorted(times_ms)
+        quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
+        return cls(*(round(value, 3) for value in (statistics.median(ordered), quartiles[0], quartiles[2],
+                                                   ordered[0], ordered[-1])))
+
+    @property
+    def relative_spread(self) -> float:
+        """The middle half of the calls' width against the median."""
+        return (self.p75 - self.p25) / self.median if self.median else 0.0
+
+    def as_dict(self) -> Dict[str, float]:
+        return dataclasses.asdict(self)
+
+    def text(self) -> str:
+        return f"{self.median:.2f} ms (middle half {self.p25:.2f}-{self.p75:.2f}, all {self.min:.2f}-{self.max:.2f})"
+
+
+# the middle half of a measurement's calls spread wider than this share of its median: the machine was busy
+NOISY_SPREAD = 0.25
+
+
+def speedup_noise(eager: Timing, compiled: Timing) -> Dict[str, Any]:
+    """The speed-up's range from the two spreads (eager's quartiles over compiled's) and, when it cannot be
+    trusted, why: the range includes 1.0, or either measurement is spread wider than :data:`NOISY_SPREAD`."""
+    low, high = round(eager.p25 / compiled.p75, 3), round(eager.p75 / compiled.p25, 3)
+    noisy = None
+    if max(eager.relative_spread, compiled.relative_spread) > NOISY_SPREAD:
+        noisy = "noisy: step times vary by more than 25% (the machine is busy); rerun"
+    elif low <= 1.0 <= high:
+        noisy = "noisy: the speed-up's range includes 1.0; rerun, with more --repeat"
+    return {"speedup_range": [low, high], "noisy": noisy}
+
+
+def measure_ms(call: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> Timing:
+    """Times of ``call`` in ms after ``warmup`` untimed calls: CUDA events on CUDA, else wall time.
 
     Rounded here, to the microsecond (about the resolution of CUDA events), and nowhere else: it/s and speed-ups
-    are derived from the number the report shows, so a reader recomputing them from the report gets the same
+    are derived from the numbers the report shows, so a reader recomputing them from the report gets the same
     values."""
     for _ in range(warmup):
         call()
@@ -43,7 +89,12 @@ def median_ms(call: Callable[[], Any], device: torch.device, warmup: int, repeat
             start_s = time.perf_counter()
             call()
             times.append((time.perf_counter() - start_s) * 1000.0)
-    return round(statistics.median(times), 3)
+    return Timing.of(times)
+
+
+def median_ms(call: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> float:
+    """The median of :func:`measure_ms`."""
+    return measure_ms(call, device, warmup, repeat).median
 
 
 def iterations_per_second(step_ms: float) -> float:

@@ -21,6 +21,14 @@ def test_bench_cli_writes_the_documented_report(tmp_path):
     assert report["model"] == "preset:tiny" and report["backend"] == "inductor" and report["device"] == "cpu"
     assert report["eager_ms"] > 0 and report["compiled_ms"] > 0 and report["compile_s"] > 0
     assert abs(report["speedup"] - report["eager_ms"] / report["compiled_ms"]) < 0.01
+    for name in ("eager", "compiled"):  # every timing with its spread
+        spread = report[f"{name}_spread_ms"]
+        assert spread["min"] <= spread["p25"] <= spread["median"] == report[f"{name}_ms"] <= spread["p75"] <= spread["max"]
+    low, high = report["speedup_range"]
+    assert low <= report["speedup"] <= high
+    assert report["noisy"] is None or report["noisy"].startswith("noisy: ")
+    assert report["first_call"] in ("compile", "compile, kernels from inductor's cache; --cold for a cold compile")
+    assert f"first call ({report['first_call']})" in completed.stdout
     assert report["mode"] == "default"  # auto is CUDA graphs on CUDA only
     assert report["it_s"] == round(1000 / report["compiled_ms"], 2)
     assert report["peak_memory_mb"] == {"eager": None, "compiled": None}  # torch counts device memory on CUDA only
@@ -46,4 +54,5 @@ def test_bench_rejects_a_missing_checkpoint_clearly(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 2
-    assert "bench: error: checkpoint not found" in completed.stderr and "Traceback" not in completed.stderr
+    assert "bench: error: --checkpoint: checkpoint not found" in completed.stderr
+    assert "Traceback" not in completed.stderr

@@ -60,3 +60,16 @@ def test_on_cuda_peak_memory_is_reset_before_and_read_after_the_block(monkeypatc
     with peak_memory(torch.device("cuda")) as peak:
         calls.append("block")
     assert calls == ["sync", "reset", "block", "sync"] and peak == {"mb": 1536.0}
+
+
+def test_timings_carry_their_spread_and_a_noisy_speedup_is_flagged():
+    from onediff_sd_webui_extensions.bench.timing import Timing, speedup_noise
+
+    steady = Timing.of([10.0, 10.1, 10.2, 10.1, 10.0])
+    assert (steady.min, steady.median, steady.max) == (10.0, 10.1, 10.2) and steady.p25 <= steady.p75
+    clear = speedup_noise(steady, Timing.of([5.0, 5.1, 5.0, 5.05, 5.1]))
+    assert clear["noisy"] is None and clear["speedup_range"][0] > 1.9
+    overlapping = speedup_noise(steady, Timing.of([9.5, 10.0, 10.5, 10.1, 9.9]))
+    assert overlapping["noisy"] == "noisy: the speed-up's range includes 1.0; rerun, with more --repeat"
+    busy = speedup_noise(steady, Timing.of([2.0, 5.0, 9.0, 3.0, 7.0]))
+    assert busy["noisy"] == "noisy: step times vary by more than 25% (the machine is busy); rerun"
