@@ -27,7 +27,7 @@ def main():
     body = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "width": args.width, "height": args.height, "seed": args.seed, "batch_size": args.batch_size,
-        "script_name": SCRIPT,  # the API field is script_name ("script" is silently ignored)
+        "script_name": SCRIPT,  # the webui's field; the extension also maps OneDiff's "script" to it
         "script_args": [args.int8],
     }
     if args.checkpoint:

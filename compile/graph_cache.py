@@ -129,7 +129,9 @@ class CompiledUNet(torch.nn.Module):
             entry.graphs += new_graphs
         else:
             entry.recompiles += new_graphs
-            if not new_graphs:  # a step, not a compile
+            if new_graphs:  # a new size, batch or prompt length compiled its graph
+                entry.recompile_s += time.perf_counter() - start
+            else:  # a step, not a compile
                 entry.step_times.stop(step_timer, shapes[0])
         entry.calls += 1
         entry.memory_growth_bytes += max(0, _reserved_bytes(entry.key.device) - memory_before)
@@ -178,6 +180,7 @@ class GraphEntry:
     compile_s: Optional[float] = None  # filled by the first call
     graphs: int = 0  # graphs dynamo compiled on the first call
     recompiles: int = 0  # graphs compiled by later calls (new shapes, changed guards)
+    recompile_s: float = 0.0  # time those calls took
     calls: int = 0
     reuses: int = 0
     unet: Optional[CompiledUNet] = None
@@ -289,6 +292,7 @@ class GraphCache:
         self.compiles = 0
         self.reuses = 0
         self.evictions = 0
+        self.evicted_recompiles = 0  # recompiles of entries no longer kept (the status counts since the start)
         self.persistent = persistent
         self.recompile_limit_watcher = RecompileLimitWatcher.install()
         # names of module attributes that hosts and their extensions set as per-job state (see structure_signature)
@@ -339,6 +343,7 @@ class GraphCache:
         while len(self._entries) > max_graphs:
             evicted.append(self._entries.popitem(last=False)[1])
             self.evictions += 1
+            self.evicted_recompiles += evicted[-1].recompiles
         if not evicted:
             return
         on_cuda = any(entry.key.device.startswith("cuda") for entry in evicted)
@@ -393,7 +398,8 @@ class GraphCache:
             "compiles": self.compiles,
             "reuses": self.reuses,
             "evictions": self.evictions,
-            "recompiles": sum(entry.recompiles for entry in self._entries.values()),
+            # graphs compiled for new sizes, batches or prompt lengths of graphs already built, since the start
+            "recompiles": self.evicted_recompiles + sum(entry.recompiles for entry in self._entries.values()),
             "recompile_limit_hits": list(self.recompile_limit_watcher.messages),
             "persistent_cache": self.persistent.status() if self.persistent is not None else None,
             "graphs": [entry.describe() for entry in self._entries.values()],

@@ -2,7 +2,7 @@
 
 The first call of a new graph (or of a new image size) compiles for about a minute, inside the first sampling
 step, before the sampler reports any progress: the webui's bar would stay empty and grey. While such a call
-runs, a small background ticker writes a line such as "OneDiff: compiling the UNet graph for 512x512 (batch 2),
+runs, a small background ticker writes a line such as "OneDiff: compiling the UNet graph for 512x512 (UNet batch 2),
 23 s (last compile took 61 s)" through a callback (the webui's ``shared.state.textinfo``, which its progress bar
 shows), once a second. Nothing here imports the webui.
 """
@@ -30,9 +30,10 @@ def image_size(latent_shape: str) -> str:
 
 
 def call_size(latent_shape: str) -> str:
-    """``"2x4x64x64"`` -> ``"512x512 (batch 2)"``: what one compile is for."""
+    """``"2x4x64x64"`` -> ``"512x512 (UNet batch 2)"``: what one compile is for. The UNet's batch, not the
+    job's: with CFG the webui runs the prompt and the negative prompt in one call, 2 per image."""
     batch = latent_shape.split("x")[0]
-    return f"{image_size(latent_shape)} (batch {batch})" if batch.isdigit() else latent_shape
+    return f"{image_size(latent_shape)} (UNet batch {batch})" if batch.isdigit() else latent_shape
 
 
 @dataclasses.dataclass
@@ -46,7 +47,7 @@ class Compile:
     last_s: Optional[float]  # how long the last such build took, when known
 
     def describe(self, now: float) -> str:
-        """E.g. "compiling the UNet graph for 512x512 (batch 2), 23 s (last compile took 61 s)"."""
+        """E.g. "compiling the UNet graph for 512x512 (UNet batch 2), 23 s (last compile took 61 s)"."""
         last = f" (last {'load' if self.verb == 'loading' else 'compile'} took {self.last_s:.0f} s)" \
             if self.last_s is not None else ""
         return f"{self.verb} the {self.what} graph for {call_size(self.shape)}, {now - self.started:.0f} s{last}"

@@ -134,6 +134,7 @@ class JobRecord:
     cuda_graphs: bool = False
     bind_ms: float = 0.0
     new_graphs: int = 0
+    new_size_compile_s: float = 0.0  # time spent compiling new sizes of a reused graph
     graph_breaks: int = 0  # the compiled UNet runs in pieces: a host or user setting dynamo cannot trace
     attention_replaced: str = ""  # the webui's attention forward the graph was traced without (a1111/attention.py)
     recompile_limit_hit: bool = False
@@ -152,7 +153,9 @@ class JobRecord:
         parts = [self.backend, *(["CUDA graphs"] if self.cuda_graphs else []), f"{verb} {self.graph}{took}"]
         if self.quantization:
             parts.append(f"{self.quantization} quantized")
-        if self.new_graphs:
+        if self.new_graphs and self.reused and self.new_size_compile_s:
+            parts.append(f"compiled {self.new_graphs} new size(s) in {self.new_size_compile_s:.1f} s")
+        elif self.new_graphs:
             parts.append(f"{self.new_graphs} new graph(s)")
         if self.graph_breaks:
             parts.append(f"{self.graph_breaks} graph break(s)")

@@ -37,6 +37,7 @@ from .state import (
     backend_label,
     backend_name,
     device_name,
+    graph_kind,
     quantization_checkbox as quantization_checkbox_text,
     read_quantization_speed_file,
 )
@@ -99,10 +100,11 @@ def announce_first_call(entry) -> None:
     """Say on the console, before the long silent first call, that a graph is being built and for how long."""
     expected = f"; took about {entry.expected_s:.0f} s last time" if entry.expected_s else ""
     if entry.cache_hit:
-        what = "loading a compiled graph from the compile cache"
+        what = f"loading a compiled {graph_kind(entry)} graph from the compile cache"
     else:
         problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
-        what = f"compiling a new graph with {entry.key.backend}, once per UNet structure and size{problem}"
+        what = (f"compiling a new {graph_kind(entry)} graph with {entry.key.backend}, once per UNet structure and "
+                f"size{problem}")
     print(f"OneDiff: {what} {entry.signature.short()}{expected} ...", flush=True)
 
 

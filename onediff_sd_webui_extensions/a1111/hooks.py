@@ -27,7 +27,7 @@ import torch
 from compile import CompileOptions, compiled_graph_count, graph_break_count
 from modules import devices, processing, sd_unet, shared
 
-from ..state import STATE, JobRecord, ScriptArgs
+from ..state import STATE, JobRecord, ScriptArgs, graph_kind
 from ..webui_common import (
     INFO_KEY,
     announce_first_call,
@@ -174,6 +174,7 @@ class _Swap:
     lookup: Any  # compile.graph_cache.Lookup
     first_call: bool  # the graph had not run yet: its first call compiles (or loads) it
     moves_before: int
+    recompile_s_before: float
 
 
 class CompiledSampling:
@@ -258,7 +259,8 @@ class CompiledSampling:
         eager = wrapper.diffusion_model
         stand_in = GuardedUNet(lookup.unet, eager, entry.module, self.job, entry.key, entry.binding, control)
         wrapper.diffusion_model = stand_in
-        self.swaps.append(_Swap(wrapper, eager, stand_in, lookup, entry.compile_s is None, entry.moves_after_capture))
+        self.swaps.append(_Swap(wrapper, eager, stand_in, lookup, entry.compile_s is None, entry.moves_after_capture,
+                                entry.recompile_s))
 
     def follow(self, sd_model) -> None:
         """Keep the UNet the denoiser runs compiled after the webui switched models (the refiner)."""
@@ -302,9 +304,11 @@ class CompiledSampling:
         for swap in self.swaps:
             entry = swap.lookup.entry
             if swap.first_call and entry.compile_s is not None:
-                print(f"OneDiff: graph {entry.signature.short()} ready in {entry.compile_s:.1f} s", flush=True)
+                print(f"OneDiff: {graph_kind(entry)} graph {entry.signature.short()} ready in {entry.compile_s:.1f} s",
+                      flush=True)
                 if entry.signature.short() == job.graph:
                     job.compile_s = entry.compile_s
+            job.new_size_compile_s += entry.recompile_s - swap.recompile_s_before
         if self.swaps:
             graphs_before, breaks_before, limit_hits_before = self.counters_before
             job.new_graphs += compiled_graph_count() - graphs_before

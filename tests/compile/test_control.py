@@ -135,3 +135,18 @@ def test_block_outputs_of_an_int8_unet(toy):
     quantized = binding_for(CompileOptions(quantization="int8"), toy).template
     inputs = _inputs()
     assert ResidualUNet(quantized).block_outputs(*inputs) == ResidualUNet(toy).block_outputs(*inputs)
+
+
+def test_new_sizes_are_counted_with_their_time_and_outlive_eviction(toy):
+    """A graph that compiles another size counts it (and its time); the status keeps counting it once the
+    graph was evicted."""
+    from compile import CompileOptions
+
+    cache = GraphCache(max_graphs=1)
+    lookup = cache.get(toy, "inductor", CompileOptions(dynamic=False))
+    for size in (16, 24):
+        x, timesteps, context = _inputs(size=size)
+        lookup.unet(x, timesteps, context=context)
+    assert lookup.entry.recompiles == 1 and lookup.entry.recompile_s > 0
+    cache.get(toy, "inductor", CompileOptions(dynamic=False, mode="max-autotune-no-cudagraphs"))  # evicts it
+    assert cache.status()["recompiles"] == 1

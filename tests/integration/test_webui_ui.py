@@ -25,7 +25,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENSHOTS = os.environ.get("ONEDIFF_SCREENSHOTS_DIR")
 JOB_TIMEOUT_S = 900  # a cold compile on a busy 2-core CPU
 UI_TIMEOUT_MS = 20_000  # the status line follows a job or Apply within a few seconds (polled once a second)
-PROGRESS_TEXT = re.compile(r"OneDiff: compiling the UNet graph for 64x64 \(batch \d+\), (\d+) s")
+PROGRESS_TEXT = re.compile(r"OneDiff: compiling the UNet graph for 64x64 \(UNet batch \d+\), (\d+) s")
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,8 @@ def test_graph_labels_tell_the_float_and_the_int8_graph_apart(page, expect, webu
         checkbox.uncheck()
     assert re.search(r"int8-(dynamic|weight-only) quantized", onediff_value(info)), info
     # its own first compile, and how long the last one (the float graph's) took
-    compile_line = re.compile(r"OneDiff: compiling the int8-(dynamic|weight-only) UNet graph for 64x64 \(batch \d+\), "
+    compile_line = re.compile(r"OneDiff: compiling the int8-(dynamic|weight-only) UNet graph for 64x64 "
+                              r"\(UNet batch \d+\), "
                               r"\d+ s \(last compile took \d+ s\)")
     assert any(compile_line.search(text) for text in bar_texts), bar_texts
     labels = [graph["label"] for graph in webui_with_ui.status()["graphs"]]
@@ -228,8 +229,13 @@ def test_readme_screenshots(page, expect):
     expect(status_line(page, "txt2img")).to_contain_text("2 graph(s) cached")
     page.mouse.move(0, 0)
     page.evaluate("window.scrollTo(0, 0)")
-    screenshot(page, "txt2img_full.png")
-    screenshot(page.locator("#txt2img_script_container"), "txt2img_script_selected.png")
+    checkbox = page.locator("#txt2img_script_container label", has_text="Model Quantization").locator("input")
+    checkbox.check()  # as it was for the int8 job whose info the page shows
+    try:
+        screenshot(page, "txt2img_full.png")
+        screenshot(page.locator("#txt2img_script_container"), "txt2img_script_selected.png")
+    finally:
+        checkbox.uncheck()
 
 
 def test_the_backend_setting_marks_backends_that_cannot_run_and_the_status_names_the_resolved_one(

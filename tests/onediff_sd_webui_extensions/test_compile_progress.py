@@ -33,7 +33,7 @@ class Shown:
 
 def test_latent_shapes_read_as_image_sizes():
     assert image_size("2x4x64x96") == "768x512"  # width x height, 8 pixels per latent cell
-    assert call_size("2x4x64x64") == "512x512 (batch 2)"
+    assert call_size("2x4x64x64") == "512x512 (UNet batch 2)"
     assert image_size("?") == "?" and call_size("?") == "?"
 
 
@@ -41,11 +41,11 @@ def test_the_text_shows_at_once_ticks_while_the_call_runs_and_clears_after():
     clock, shown = Clock(), Shown(awaited="23 s")
     progress = CompileProgress(interval_s=0.01, clock=clock)
     with progress.watch("UNet", "2x4x64x64", shown):
-        assert shown.texts == ["OneDiff: compiling the UNet graph for 512x512 (batch 2), 0 s"]
+        assert shown.texts == ["OneDiff: compiling the UNet graph for 512x512 (UNet batch 2), 0 s"]
         clock.now += 23
         assert shown.arrived.wait(5)  # the ticker showed the new elapsed time by itself
         assert progress.current().as_dict(clock())["elapsed_s"] == 23
-        assert progress.current().text(clock()) == "OneDiff: compiling the UNet graph for 512x512 (batch 2), 23 s"
+        assert progress.current().text(clock()) == "OneDiff: compiling the UNet graph for 512x512 (UNet batch 2), 23 s"
     assert shown.texts[-1] is None and "23 s" in shown.texts[-2]
     assert progress.current() is None
 
@@ -63,7 +63,7 @@ def test_the_last_duration_is_per_kind_of_graph_then_the_cache_record_then_any_g
         assert build.last_s == 0  # the last build of any graph (the one just above took 0 s on this clock)
     with progress.watch("UNet", "2x4x64x64", Shown(), verb="loading") as build:
         assert build.last_s is None  # a load is not a compile: nothing to compare with yet
-        assert build.text(clock()) == "OneDiff: loading the UNet graph for 512x512 (batch 2), 0 s"
+        assert build.text(clock()) == "OneDiff: loading the UNet graph for 512x512 (UNet batch 2), 0 s"
 
 
 def test_a_call_that_raises_clears_the_text_and_leaves_no_duration():

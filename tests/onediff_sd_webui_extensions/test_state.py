@@ -72,6 +72,12 @@ def test_job_info_says_whether_the_job_was_accelerated():
                        graph_breaks=2, attention_replaced="split_cross_attention_forward")
     assert pieces.info_text() == ("inductor, reused UNetModel:abc, 2 graph break(s), "
                                   "sdp attention (for split_cross_attention_forward)")
+    new_size = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=True,
+                         new_graphs=1, new_size_compile_s=58.04)
+    assert new_size.info_text() == "inductor, reused UNetModel:abc, compiled 1 new size(s) in 58.0 s"
+    controlled = JobRecord(started=0.0, accelerated=True, backend="inductor", graph="UNetModel:abc", reused=True,
+                           control_units=2)
+    assert controlled.info_text() == "inductor, reused UNetModel:abc, 2 ControlNet unit(s) compiled"
 
 
 def test_compile_cache_defaults_to_a_folder_inside_the_extension():
@@ -161,10 +167,10 @@ def test_the_status_line_says_what_runs_now_and_what_ran_last():
     job = state.start_job()
     assert state.summary(INDUCTOR_ONLY).endswith("0 graph(s) cached. Job running...")  # not the last job's info
     with state.compile_progress.watch("UNet", "2x4x64x64", lambda text: None):
-        compiling = r"Job compiling the UNet graph for 512x512 \(batch 2\), \d+ s\.\.\.$"
+        compiling = r"Job compiling the UNet graph for 512x512 \(UNet batch 2\), \d+ s\.\.\.$"
         assert re.search(compiling, state.summary(INDUCTOR_ONLY))
         status = state.status()
-        assert status["busy"] and status["compiling"]["size"] == "512x512 (batch 2)"
+        assert status["busy"] and status["compiling"]["size"] == "512x512 (UNet batch 2)"
     job.accelerated, job.backend, job.graph, job.reused, job.compile_s = True, "inductor", "UNetModel:abc", False, 61.2
     state.finish_job(job)
     assert state.summary(INDUCTOR_ONLY).endswith("Last job: inductor, compiled UNetModel:abc in 61.2 s.")
@@ -210,4 +216,4 @@ def test_a_call_expected_to_compile_shows_its_progress_and_one_served_before_doe
     with state.watch_compile(entry, (batch_of_7, inputs.timestep), kwargs, shown.append):  # not called: no compile
         pass
     latent = inputs.sample.shape[-1]
-    assert shown == [f"OneDiff: compiling the UNet graph for {latent * 8}x{latent * 8} (batch 14), 0 s", None]
+    assert shown == [f"OneDiff: compiling the UNet graph for {latent * 8}x{latent * 8} (UNet batch 14), 0 s", None]
