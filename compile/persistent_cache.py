@@ -37,6 +37,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -164,6 +165,62 @@ def inductor_cache_folder(folder: str) -> Iterator[None]:
                     os.environ[name] = value
 
 
+def _others_may_write(mode: int) -> bool:
+    return bool(mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def trust_problem(folder: str, *, contents: bool = True) -> Optional[str]:
+    """Why code cached under ``folder`` must not be loaded (None when it may): inductor's cache holds generated
+    code and pickles that run when loaded, so, as ssh refuses a key file others can write, every folder above
+    ``folder`` must be writable only by its owner (or sticky, as /tmp), and ``folder`` and (``contents``)
+    everything in it must belong to this user (or root) and be writable by no one else. On a system without
+    POSIX ownership (Windows) nothing is checked."""
+    if os.name != "posix":
+        return None
+    me = os.getuid()
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    while not os.path.exists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)  # folders not made yet are made by this process
+    while True:
+        try:
+            info = os.stat(parent)
+        except OSError as error:
+            return f"{parent} cannot be checked ({error.strerror})"
+        if info.st_uid not in (me, 0) or (_others_may_write(info.st_mode) and not info.st_mode & stat.S_ISVTX):
+            return f"{parent}, above the compile cache, can be changed by other users"
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    if not os.path.exists(folder):
+        return None
+    paths = [folder]
+    if contents:
+        for root, folders, files in os.walk(folder):
+            paths += [os.path.join(root, name) for name in folders + files]
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except OSError as error:
+            return f"{path} cannot be checked ({error.strerror})"
+        if info.st_uid not in (me, 0):
+            return f"{path} belongs to another user (uid {info.st_uid})"
+        if _others_may_write(info.st_mode) and not stat.S_ISLNK(info.st_mode):
+            return f"{path} can be written by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _tighten(path: str) -> None:
+    """Take group and other users' write permission from ``path`` and all in it (what the process's umask
+    left), so the trust check passes for what this process wrote itself."""
+    for root, folders, files in os.walk(path):
+        for name in [root, *(os.path.join(root, entry) for entry in folders + files)]:
+            with contextlib.suppress(OSError):
+                mode = os.lstat(name).st_mode
+                if _others_may_write(mode) and not stat.S_ISLNK(mode):
+                    os.chmod(name, stat.S_IMODE(mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
 @dataclasses.dataclass(frozen=True)
 class Check:
     """The verdict on a stored entry: ``status`` is ``hit``, ``miss`` (nothing stored) or ``invalid``.
@@ -199,10 +256,15 @@ class StoredGraph:
     def inductor_folder(self) -> str:
         return os.path.join(self.path, INDUCTOR_FOLDER)
 
+    untrusted: bool = False  # the folder failed the trust check: never read or written, torch's defaults apply
+
     @contextlib.contextmanager
     def activated(self) -> Iterator[None]:
         """Compile and run with this entry's inductor cache folder."""
-        os.makedirs(self.inductor_folder, exist_ok=True)
+        if self.untrusted:
+            yield
+            return
+        os.makedirs(self.inductor_folder, mode=0o700, exist_ok=True)
         with inductor_cache_folder(self.inductor_folder):
             yield
 
@@ -212,9 +274,10 @@ class StoredGraph:
         On a miss ``first_call_s`` was the cold compile; on a hit it was the load, recorded as ``load_s``
         beside the original ``compile_s``. An entry whose cache was cleared in the meantime is not rewritten.
         """
-        if self.generation != self.cache.generation:
+        if self.generation != self.cache.generation or self.untrusted:
             return
         try:
+            _tighten(self.path)
             files = {}
             for name in _content_files(self.path):
                 if name != MANIFEST:
@@ -304,8 +367,13 @@ class PersistentCache:
         """
         fields = key_fields(key)
         with self._lock:
-            verdict = self.check(fields)
             path = self.entry_path(fields)
+            distrust = trust_problem(self.folder, contents=False) or trust_problem(path)
+            if distrust:
+                problem = f"compile cache not used: {distrust} (it must be writable by you only)"
+                logger.warning("OneDiff: %s", problem)
+                return StoredGraph(self, path, fields, False, problem, None, None, self.generation, untrusted=True)
+            verdict = self.check(fields)
             if verdict.status == "hit":
                 manifest = verdict.manifest
                 return StoredGraph(self, path, fields, True, None, manifest.get("load_s"), manifest, self.generation)
@@ -353,4 +421,5 @@ class PersistentCache:
             return removed, freed - self.size_bytes()
 
     def status(self) -> Dict[str, Any]:
-        return {"folder": self.folder, "size_bytes": self.size_bytes(), "entries": len(self.entries())}
+        return {"folder": self.folder, "size_bytes": self.size_bytes(), "entries": len(self.entries()),
+                "untrusted": trust_problem(self.folder, contents=False)}

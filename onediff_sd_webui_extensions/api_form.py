@@ -76,12 +76,16 @@ Send = Callable[[Dict[str, Any]], Awaitable[None]]
 class ScriptFieldMiddleware:
     """ASGI middleware applying :func:`rewrite_request` to POSTs of :data:`SCRIPT_ROUTES`."""
 
-    def __init__(self, app: Callable, title: str):
+    def __init__(self, app: Callable, title: str, authorized: Optional[Callable[[Dict[str, Any]], bool]] = None):
         self.app = app
         self.title = title
+        # with the webui's API credentials set: a request without them passes untouched, so the webui's own
+        # 401 answers it (never a 422 of ours, never a rewritten body behind its check)
+        self.authorized = authorized
 
     async def __call__(self, scope: Dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in SCRIPT_ROUTES:
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in SCRIPT_ROUTES \
+                or (self.authorized is not None and not self.authorized(scope)):
             await self.app(scope, receive, send)
             return
         chunks, messages = [], []
@@ -129,10 +133,10 @@ async def _send_json(send: Send, status: int, payload: Dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def install(app: Any, title: str) -> None:
+def install(app: Any, title: str, authorized: Optional[Callable[[Dict[str, Any]], bool]] = None) -> None:
     """Put :class:`ScriptFieldMiddleware` in front of a FastAPI/Starlette ``app`` that may already be serving
     (A1111 calls ``on_app_started`` after the server started in UI mode): Starlette refuses to add middleware
     to a built stack, so the stack is dropped first and built again on the next request, as A1111's own
     ``setup_middleware`` does."""
     app.middleware_stack = None
-    app.add_middleware(ScriptFieldMiddleware, title=title)
+    app.add_middleware(ScriptFieldMiddleware, title=title, authorized=authorized)

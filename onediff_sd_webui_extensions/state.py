@@ -255,6 +255,8 @@ class OneDiffState:
         if persistent is None:
             return "Compile cache: off (no folder set)."
         status = persistent.status()
+        if status["untrusted"]:
+            return f"Compile cache: not used, {status['untrusted']} (it must be writable by you only)."
         return (f"Compile cache: {status['entries']} graph(s), {status['size_bytes'] / 2**20:.1f} MB in "
                 f"{status['folder']}")
 

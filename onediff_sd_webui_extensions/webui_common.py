@@ -16,7 +16,7 @@ import gradio as gr
 from compile import BackendUnavailable, available_backends
 from modules import devices, shared
 
-from . import api_form
+from . import api_auth, api_form
 from .state import (
     COMPILE_MODE_CHOICES,
     DEFAULT_CACHE_DIR,
@@ -216,8 +216,9 @@ def _live_html(render, section):
 
 
 def on_app_started(_demo, app):
-    api_form.install(app, SCRIPT_TITLE)
+    api_form.install(app, SCRIPT_TITLE, authorized=api_auth.scope_check(api_auth.credentials(shared.cmd_opts)))
 
-    @app.get("/onediff/v1/status")
     def onediff_status():
         return STATE.status()
+
+    api_auth.route(app, "/onediff/v1/status", onediff_status, shared.cmd_opts)  # 401 where /sdapi/v1/* is

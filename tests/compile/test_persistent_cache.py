@@ -240,3 +240,50 @@ def test_a_quantized_graph_is_keyed_with_the_inductor_settings_it_is_compiled_wi
     float_key, int8_key = _tiny_key(), _tiny_key(options=CompileOptions(quantization="int8"))
     assert "inductor_config" not in key_fields(float_key)  # keys of stored float graphs did not change
     assert key_fields(int8_key)["inductor_config"] == QUANTIZED_INDUCTOR_CONFIG
+
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="ownership and modes are POSIX's")
+
+
+@posix_only
+@pytest.mark.parametrize("tamper, message", [
+    ("folder_world_writable", "can be written by other users (mode 777)"),
+    ("file_group_writable", "kernel.so can be written by other users (mode 664)"),
+    ("file_of_another_user", "kernel.so belongs to another user (uid 54321)"),
+])
+def test_an_entry_others_can_write_is_never_loaded(tmp_path, tamper, message):
+    """Generated code runs when loaded: an entry someone else could have written is refused (not loaded, not
+    written to, not deleted), and said why; the graph compiles with torch's default cache instead."""
+    cache, key, stored = _stored_toy_entry(tmp_path / "cache")
+    kernel = os.path.join(stored.inductor_folder, "ab", "kernel.so")
+    assert os.stat(kernel).st_mode & 0o022 == 0  # what this process wrote, tightened when it was recorded
+    if tamper == "folder_world_writable":
+        os.chmod(cache.folder, 0o777)
+    elif tamper == "file_group_writable":
+        os.chmod(kernel, 0o664)
+    elif os.getuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    else:
+        os.chown(kernel, 54321, 54321)
+    reopened = cache.open(key)
+    assert reopened.untrusted and not reopened.hit and message in reopened.problem
+    assert "it must be writable by you only" in reopened.problem
+    assert os.path.exists(kernel)  # someone else's files are left alone
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with reopened.activated():  # the folder is not switched in for inductor
+        assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    reopened.save(first_call_s=1.0)
+    assert cache.check(key_fields(key)).manifest["compile_s"] == 12.5  # nothing rewritten
+
+
+@posix_only
+def test_a_cache_under_a_folder_others_can_change_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # world-writable without the sticky bit: anyone can replace the cache folder
+    cache = PersistentCache(str(shared / "cache"))
+    key, _ = GraphCache(max_graphs=1).key_for(torch.nn.Linear(4, 4), "inductor")
+    assert "above the compile cache, can be changed by other users" in cache.open(key).problem
+    assert cache.status()["untrusted"]
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: others cannot rename or remove what is ours
+    assert cache.open(key).untrusted is False and cache.status()["untrusted"] is None

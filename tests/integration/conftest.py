@@ -46,12 +46,13 @@ def tiny_checkpoints(tmp_path_factory, webui_python):
 
 
 def start_webui(tmp_path_factory, webui_python, tiny_checkpoints, *, with_ui=False, name="webui-data",
-                other_extensions=None, control_models=None):
+                other_extensions=None, control_models=None, extra_args=(), auth=None):
     """Start the webui with this extension in its own data folder; yields a :class:`WebUI` once it answers.
 
     ``with_ui``: serve the browser UI as well as the API (a UI build takes longer to start); otherwise
     ``--nowebui``, the API alone. ``other_extensions``: {folder name: checkout} installed beside ours;
-    ``control_models``: a folder linked as the data folder's ``models/ControlNet``."""
+    ``control_models``: a folder linked as the data folder's ``models/ControlNet``; ``extra_args``: more
+    command-line flags; ``auth``: the (user, password) the client sends (for ``--api-auth``)."""
     webui_dir = _webui_dir()
     checkpoint_dir, names = tiny_checkpoints
     data_dir = tmp_path_factory.mktemp(name)
@@ -81,11 +82,12 @@ def start_webui(tmp_path_factory, webui_python, tiny_checkpoints, *, with_ui=Fal
         "--server-name", "127.0.0.1",
         "--port", str(port), "--data-dir", str(data_dir), "--ckpt-dir", str(checkpoint_dir),
         "--ckpt", str(checkpoint_dir / f"{names[0]}.safetensors"), "--lora-dir", str(checkpoint_dir / "Lora"),
+        *extra_args,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=webui_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = WebUI(f"http://127.0.0.1:{port}", process, log_path, names)
+    server = WebUI(f"http://127.0.0.1:{port}", process, log_path, names, auth)
     try:
         wait_until_serving(server, STARTUP_TIMEOUT_S)
         # keep every graph the tests build (float, other heads, int8) so none is evicted and compiled twice
@@ -137,6 +139,16 @@ def webui_with_controlnet(tmp_path_factory, controlnet_python, controlnet_checko
 def webui(tmp_path_factory, webui_python, tiny_checkpoints):
     """The API alone (``--nowebui``), for test_webui_api.py."""
     yield from start_webui(tmp_path_factory, webui_python, tiny_checkpoints)
+
+
+API_USER = ("alice", "s3cret")
+
+
+@pytest.fixture(scope="session")
+def webui_with_api_auth(tmp_path_factory, webui_python, tiny_checkpoints):
+    """The API alone, started with ``--api-auth``; the client sends :data:`API_USER`'s credentials."""
+    yield from start_webui(tmp_path_factory, webui_python, tiny_checkpoints, name="webui-auth-data",
+                           extra_args=("--api-auth", ":".join(API_USER)), auth=API_USER)
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,16 @@ import pytest
 class WebUI:
     """A running webui: JSON requests against its API and its log for failure messages."""
 
-    def __init__(self, url, process, log_path, checkpoints):
+    def __init__(self, url, process, log_path, checkpoints, auth=None):
         self.url = url
         self.process = process
         self.log_path = log_path
         self.checkpoints = checkpoints
+        self.auth = auth  # (user, password) for a webui started with API credentials
+
+    def as_user(self, auth):
+        """The same server, requested with other credentials (None: none)."""
+        return WebUI(self.url, self.process, self.log_path, self.checkpoints, auth)
 
     def log_tail(self, lines=60):
         with open(self.log_path, errors="replace") as handle:
@@ -30,7 +35,10 @@ class WebUI:
     def request(self, path, body=None, timeout=1800):
         """(HTTP status, decoded JSON) for GET (no body) or POST (JSON body)."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.auth).encode()).decode()
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.load(response)
