@@ -210,6 +210,13 @@ def trust_problem(folder: str, *, contents: bool = True) -> Optional[str]:
     return None
 
 
+def _writable(folder: str) -> bool:
+    """Whether this process can create and write ``folder`` (its nearest existing folder when not made yet)."""
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+
+
 def _tighten(path: str) -> None:
     """Take group and other users' write permission from ``path`` and all in it (what the process's umask
     left), so the trust check passes for what this process wrote itself."""
@@ -256,12 +263,12 @@ class StoredGraph:
     def inductor_folder(self) -> str:
         return os.path.join(self.path, INDUCTOR_FOLDER)
 
-    untrusted: bool = False  # the folder failed the trust check: never read or written, torch's defaults apply
+    bypassed: bool = False  # the folder is not used at all (untrusted or not writable): torch's defaults apply
 
     @contextlib.contextmanager
     def activated(self) -> Iterator[None]:
         """Compile and run with this entry's inductor cache folder."""
-        if self.untrusted:
+        if self.bypassed:
             yield
             return
         os.makedirs(self.inductor_folder, mode=0o700, exist_ok=True)
@@ -274,7 +281,7 @@ class StoredGraph:
         On a miss ``first_call_s`` was the cold compile; on a hit it was the load, recorded as ``load_s``
         beside the original ``compile_s``. An entry whose cache was cleared in the meantime is not rewritten.
         """
-        if self.generation != self.cache.generation or self.untrusted:
+        if self.generation != self.cache.generation or self.bypassed:
             return
         try:
             _tighten(self.path)
@@ -369,10 +376,12 @@ class PersistentCache:
         with self._lock:
             path = self.entry_path(fields)
             distrust = trust_problem(self.folder, contents=False) or trust_problem(path)
-            if distrust:
-                problem = f"compile cache not used: {distrust} (it must be writable by you only)"
+            problem = f"compile cache not used: {distrust} (it must be writable by you only)" if distrust else None
+            if problem is None and not _writable(self.folder):
+                problem = f"compile cache not used: {self.folder} cannot be written (read-only?)"
+            if problem:
                 logger.warning("OneDiff: %s", problem)
-                return StoredGraph(self, path, fields, False, problem, None, None, self.generation, untrusted=True)
+                return StoredGraph(self, path, fields, False, problem, None, None, self.generation, bypassed=True)
             verdict = self.check(fields)
             if verdict.status == "hit":
                 manifest = verdict.manifest

@@ -266,7 +266,7 @@ def test_an_entry_others_can_write_is_never_loaded(tmp_path, tamper, message):
     else:
         os.chown(kernel, 54321, 54321)
     reopened = cache.open(key)
-    assert reopened.untrusted and not reopened.hit and message in reopened.problem
+    assert reopened.bypassed and not reopened.hit and message in reopened.problem
     assert "it must be writable by you only" in reopened.problem
     assert os.path.exists(kernel)  # someone else's files are left alone
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -286,4 +286,20 @@ def test_a_cache_under_a_folder_others_can_change_is_refused(tmp_path):
     assert "above the compile cache, can be changed by other users" in cache.open(key).problem
     assert cache.status()["untrusted"]
     os.chmod(shared, 0o1777)  # sticky, as /tmp: others cannot rename or remove what is ours
-    assert cache.open(key).untrusted is False and cache.status()["untrusted"] is None
+    assert cache.open(key).bypassed is False and cache.status()["untrusted"] is None
+
+
+def test_a_read_only_folder_is_bypassed_not_failed(tmp_path, monkeypatch):
+    """A folder this process cannot write (a read-only mount): graphs compile without it, never a failed
+    compiled call. (Root may write anywhere: the permission answer is what the check reads, so it is faked.)"""
+    from compile import persistent_cache
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    monkeypatch.setattr(persistent_cache.os, "access", lambda path, mode: False)
+    key, _ = GraphCache(max_graphs=1).key_for(torch.nn.Linear(4, 4), "inductor")
+    stored = PersistentCache(str(folder)).open(key)
+    assert stored.bypassed and "cannot be written (read-only?)" in stored.problem
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with stored.activated():
+        assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
