@@ -155,3 +155,14 @@ def webui_with_api_auth(tmp_path_factory, webui_python, tiny_checkpoints):
 def webui_with_ui(tmp_path_factory, webui_python, tiny_checkpoints):
     """The browser UI and the API, with its own data and compile cache folders (its first job compiles)."""
     yield from start_webui(tmp_path_factory, webui_python, tiny_checkpoints, with_ui=True, name="webui-ui-data")
+
+
+@pytest.fixture(scope="session")
+def webui_with_controlnet_ui(tmp_path_factory, controlnet_python, controlnet_checkout, tiny_control_models):
+    """The browser UI and the API with sd-webui-controlnet beside this extension, on the control models'
+    checkpoints, with its own data and compile cache folders (for test_webui_controlnet_ui.py)."""
+    folder, built = tiny_control_models
+    yield from start_webui(tmp_path_factory, controlnet_python, (folder, built["checkpoints"]), with_ui=True,
+                           name="webui-controlnet-ui-data",
+                           other_extensions={"sd-webui-controlnet": controlnet_checkout},
+                           control_models=folder / built["control_dir"])
