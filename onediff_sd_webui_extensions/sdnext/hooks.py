@@ -13,6 +13,14 @@ same structure reuses its graph, weights bound in place) and its forward routed 
 What is not accelerated: models without a UNet (transformer models: FLUX, SD3, ...), the refiner (its own
 pipeline), model offload modes that move the UNet between devices around each use, and SD.Next's own "Compile
 Model". Each runs eagerly with the reason in the job's info.
+
+Control tab (``/sdapi/v1/control``): SD.Next sets its ControlNet / T2I-Adapter pipeline, built around the same UNet
+object, as ``shared.sd_model`` (``modules/control/run.py``, ``set_pipe`` and ``control_run``) and runs the selected
+script through ``processing.process_images`` as txt2img does (``control_process``). It offers an extension's
+script there only if the script's title is in ``installer.control_extensions`` ("extensions marked as safe for
+control ui", checked in ``modules/scripts_manager.py``), so importing this module adds ours
+(:func:`allow_in_control_tab`). The controlled UNet calls pass the residuals as diffusers' optional kwargs; the
+router serves them with the same compiled entry (see ``unet_router``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Optional
 from compile import compiled_graph_count, graph_break_count
 from modules import processing, shared
 
-from ..state import STATE, JobRecord, ScriptArgs
+from ..state import SCRIPT_TITLE, STATE, JobRecord, ScriptArgs
 from ..webui_common import (
     INFO_KEY,
     announce_first_call,
@@ -37,6 +45,23 @@ from ..webui_common import (
 from .unet_router import UNetRouter
 
 logger = logging.getLogger("onediff_sd_webui_extensions")
+
+
+def allow_in_control_tab() -> bool:
+    """Add the script's title to SD.Next's ``installer.control_extensions``: SD.Next skips every other external
+    extension's script in its Control tab and for ``/sdapi/v1/control`` ("title=... skip" in its debug log), and
+    reads that list when it builds the control script runner, after the extensions' scripts were imported.
+    False where this SD.Next has no such list (nothing to do)."""
+    try:
+        from installer import control_extensions
+    except ImportError:
+        return False
+    if SCRIPT_TITLE not in control_extensions:
+        control_extensions.append(SCRIPT_TITLE)
+    return True
+
+
+allow_in_control_tab()
 
 
 def current_pipeline():

@@ -14,12 +14,17 @@ SD.Next's own weights, which are copied in the same way, so the graph always ser
 eager UNet holds. A change binding cannot express (a layer wrapped, a bias added) or any failure of the
 compiled call finishes the job with the eager UNet, with the reason in the job's info.
 
+ControlNet and T2I-Adapter pipelines (SD.Next's Control tab) call the same UNet with control residuals as
+optional kwargs; they are inputs of the compiled graph (:func:`graph_call_kwargs` gives every pipeline's calls
+one set of kwargs and one memory layout, so a control job adds at most one graph, once).
+
 Nothing here imports SD.Next: it is tested with a plain diffusers UNet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 import traceback
@@ -68,6 +73,7 @@ class UNetRouter:
         self.job = job
         self.show_progress = show_progress
         self.watch = WeightWatch(unet)
+        self.optional_kwargs = optional_kwargs(unet)
         self.value_check_pending = not lookup.entry.key.options.quantization  # int8 copies hold other values
         self.failed: Optional[str] = None
         self.compiled_calls = 0
@@ -117,8 +123,9 @@ class UNetRouter:
             try:
                 self.sync_weights()
                 args = _contiguous_sample(args, kwargs)
-                with STATE.watch_compile(self.lookup.entry, args, kwargs, self.show_progress):
-                    output = self.lookup.unet(*args, **kwargs)
+                graph_kwargs = graph_call_kwargs(kwargs, self.optional_kwargs)
+                with STATE.watch_compile(self.lookup.entry, args, graph_kwargs, self.show_progress):
+                    output = self.lookup.unet(*args, **graph_kwargs)
                 self.compiled_calls += 1
                 return output
             except UNetStructureChanged as error:
@@ -151,3 +158,44 @@ def _contiguous_sample(args: tuple, kwargs: dict) -> tuple:
     if isinstance(sample, torch.Tensor) and not sample.is_contiguous():
         kwargs["sample"] = sample.contiguous()
     return args
+
+
+# The additive control inputs of diffusers' UNet2DConditionModel.forward: ControlNet residuals (a list per skip
+# connection, one tensor after the middle block) and T2I-Adapter features (a list the UNet pops from).
+RESIDUAL_KWARGS = ("down_block_additional_residuals", "mid_block_additional_residual",
+                   "down_intrablock_additional_residuals")
+
+
+def optional_kwargs(unet: torch.nn.Module) -> frozenset:
+    """The keyword parameters of ``unet``'s own forward that default to None (passing None is leaving them out)."""
+    try:
+        parameters = inspect.signature(type(unet).forward).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(parameter.name for parameter in parameters
+                     if parameter.default is None and parameter.kind is not inspect.Parameter.POSITIONAL_ONLY)
+
+
+def graph_call_kwargs(kwargs: dict, optional: frozenset) -> dict:
+    """The kwargs for the compiled call: optional ones given as None left out, control residuals in the default
+    memory layout, their lists copied. ``kwargs`` itself is left as it is, for an eager retry.
+
+    Dynamo guards on the set of keyword arguments, and diffusers' pipelines pass different sets for the same
+    computation: txt2img and the ControlNet txt2img pipeline pass ``timestep_cond=None``, the ControlNet img2img
+    and inpaint pipelines leave it out, the T2I-Adapter pipeline leaves out ``added_cond_kwargs`` (measured in
+    SD.Next: "len(kwargs) == 7" failed, a new graph for its img2img control job). Without the Nones, a call's
+    set is what it really passes. The first call with control residuals still costs one more graph (they are
+    inputs of that graph from then on: other control images, strengths or models change values only). In
+    img2img control jobs the ControlNet runs on the channels-last latents and returns channels-last residuals,
+    which dynamo would serve with another graph (strides are guarded): they are copied into the default layout,
+    as the latents are. Lists are shallow-copied because the UNet pops the adapter features from its list."""
+    graph_kwargs = {name: value for name, value in kwargs.items() if value is not None or name not in optional}
+    for name in RESIDUAL_KWARGS:
+        value = graph_kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            graph_kwargs[name] = value if value.is_contiguous() else value.contiguous()
+        elif isinstance(value, (list, tuple)):
+            graph_kwargs[name] = type(value)(
+                item.contiguous() if isinstance(item, torch.Tensor) and not item.is_contiguous() else item
+                for item in value)
+    return graph_kwargs

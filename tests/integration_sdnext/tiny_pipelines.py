@@ -8,6 +8,13 @@ alphabet and a few merges, the models are randomly initialised from small config
 ``tiny_sd15_a`` and ``tiny_sd15_b`` share a structure with other weights (a checkpoint switch reuses the
 graph); ``tiny_sdxl`` has SDXL's two text encoders and added time embeddings. The LoRA is kohya-format on the
 attention projections of the SD1.5 UNet, keyed by diffusers module names (SD.Next's ``lora_unet_<path>``).
+
+``tiny_controlnet`` is a diffusers ``ControlNetModel`` made (``from_unet``) from the UNet of ``tiny_sd15_control``,
+an SD1.5 pipeline of a structure of its own (other attention heads), so the ControlNet tests have a graph of
+their own whatever order the test files run in. It is written as ``MODELS_DIR/control/controlnet/tiny_controlnet/``
+(config.json + safetensors: SD.Next lists the folders of ``<control folder>/controlnet`` that hold a config.json
+as local ControlNets). Its zero-initialised output convolutions get small random weights, so the control image
+and the strength change the image.
 """
 
 import json
@@ -82,12 +89,12 @@ def scheduler():
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def write_sd15(folder, seed, tokenizer_folder):
+def write_sd15(folder, seed, tokenizer_folder, **unet_overrides):
     from diffusers import StableDiffusionPipeline
 
     tok = tokenizer(tokenizer_folder)
-    pipe = StableDiffusionPipeline(unet=unet(seed), vae=vae(), text_encoder=text_encoder(len(tok)), tokenizer=tok,
-                                   scheduler=scheduler(), safety_checker=None, feature_extractor=None,
+    pipe = StableDiffusionPipeline(unet=unet(seed, **unet_overrides), vae=vae(), text_encoder=text_encoder(len(tok)),
+                                   tokenizer=tok, scheduler=scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
@@ -124,13 +131,39 @@ def write_lora(path, model, rank=4, seed=99):
     save_file(tensors, path)
 
 
+CONTROL_BASE = "tiny_sd15_control"
+CONTROL_BASE_SEED = 4
+CONTROLNET = "tiny_controlnet"
+
+
+def write_controlnet(folder, model, scale=0.3, seed=7):
+    """A ControlNet of ``model``'s structure whose residuals are not zero (diffusers zero-initialises the
+    convolutions that produce them, which would make every control image look alike)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    # the tiny VAE halves the image (two blocks): the control image is embedded at that latent size as well
+    controlnet = ControlNetModel.from_unet(model, conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(seed)
+    zero_convs = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block,
+                  *controlnet.controlnet_down_blocks]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * scale)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * scale * 0.1)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+
+
 def main(models_dir):
     diffusers_dir = os.path.join(models_dir, "Diffusers")
     tokenizer_folder = os.path.join(models_dir, "tokenizer-src")
     pipes = {name: write_sd15(os.path.join(diffusers_dir, name), seed, tokenizer_folder) for name, seed in SD15.items()}
     write_sdxl(os.path.join(diffusers_dir, SDXL), tokenizer_folder)
     write_lora(os.path.join(models_dir, "Lora", "tiny_lora.safetensors"), pipes["tiny_sd15_a"].unet)
-    print(json.dumps({"sd15": sorted(SD15), "sdxl": SDXL}))
+    control_base = write_sd15(os.path.join(diffusers_dir, CONTROL_BASE), CONTROL_BASE_SEED, tokenizer_folder,
+                              attention_head_dim=4)
+    write_controlnet(os.path.join(models_dir, "control", "controlnet", CONTROLNET), control_base.unet)
+    print(json.dumps({"sd15": sorted(SD15), "sdxl": SDXL, "control_base": CONTROL_BASE, "controlnet": CONTROLNET}))
 
 
 if __name__ == "__main__":

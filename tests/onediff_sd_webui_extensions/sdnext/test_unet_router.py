@@ -120,3 +120,26 @@ def test_remove_gives_the_unet_its_own_forward_back(graph_cache, tiny_sd15):
     graph_cache.get(tiny_sd15.unet, "inductor")
     assert "forward" not in vars(unet)
     assert torch.equal(tiny_sd15.inputs.call(unet), eager(unet, tiny_sd15.inputs))
+
+
+def test_control_calls_get_one_kwargs_set_and_one_layout():
+    """diffusers' pipelines pass None for some optional arguments and leave them out in others, and an img2img
+    ControlNet returns channels-last residuals: the compiled call sees one keyword set and the default layout
+    (dynamo guards on both), while the pipeline's own kwargs stay as they were for an eager retry."""
+    from onediff_sd_webui_extensions.sdnext.unet_router import graph_call_kwargs, optional_kwargs
+
+    unet = build_preset("tiny", seed=0)
+    optional = optional_kwargs(unet)
+    assert {"timestep_cond", "down_block_additional_residuals", "mid_block_additional_residual"} <= optional
+    assert "encoder_hidden_states" not in optional  # required: never dropped
+    residual = torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last)
+    adapter = [torch.randn(1, 8, 4, 4)]
+    kwargs = {"encoder_hidden_states": torch.randn(1, 7, 8), "timestep_cond": None, "return_dict": False,
+              "mid_block_additional_residual": residual, "down_intrablock_additional_residuals": adapter}
+    graph_kwargs = graph_call_kwargs(kwargs, optional)
+    assert "timestep_cond" not in graph_kwargs and graph_kwargs["return_dict"] is False
+    assert graph_kwargs["mid_block_additional_residual"].is_contiguous()
+    assert torch.equal(graph_kwargs["mid_block_additional_residual"], residual)
+    assert graph_kwargs["down_intrablock_additional_residuals"] is not adapter  # the UNet pops from its list
+    graph_kwargs["down_intrablock_additional_residuals"].pop()
+    assert len(adapter) == 1 and kwargs["timestep_cond"] is None and kwargs["mid_block_additional_residual"] is residual
