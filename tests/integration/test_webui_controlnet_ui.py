@@ -13,7 +13,7 @@ import pytest
 
 from .test_webui_controlnet import _png
 from .test_webui_ui import (  # noqa: F401  (playwright_api and expect are fixtures used by name)
-    CHROMIUM, CHROMIUM_ARGS, _loopback_only, choose, dropdown_values, expect, generate, onediff_value, open_tab,
+    browser_page, choose, dropdown_values, expect, generate, onediff_value, open_tab,
     playwright_api, screenshot, select_script, set_up_small_job,
 )
 
@@ -30,16 +30,8 @@ def page(playwright_api, webui_with_controlnet_ui, models):
     # the UI has no per-job checkpoint override: the adapter's checkpoint is the webui's before the page loads
     checkpoint = models["t2i_adapter"]["checkpoints"][0]
     assert webui_with_controlnet_ui.request("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint})[0] == 200
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        # tall enough for the prompt, the open ControlNet unit, the script and the result in one screenshot
-        context = browser.new_context(viewport={"width": 1400, "height": 2100})
-        context.route("**/*", _loopback_only)
-        page = context.new_page()
-        page.goto(webui_with_controlnet_ui.url, timeout=120_000)
-        page.locator("#txt2img_generate").wait_for(timeout=120_000)
-        yield page
-        browser.close()
+    # tall enough for the prompt, the open ControlNet unit, the script and the result in one screenshot
+    yield from browser_page(playwright_api, webui_with_controlnet_ui.url, height=2100)
 
 
 def set_up_adapter_unit(page, expect, adapter):

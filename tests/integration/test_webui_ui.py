@@ -47,17 +47,22 @@ def _loopback_only(route):
         route.abort()
 
 
-@pytest.fixture(scope="module")
-def page(playwright_api, webui_with_ui):
+def browser_page(playwright_api, url, height=1000):
+    """Yield a page of the webui at ``url`` in headless Chromium (loopback only), once its UI has loaded."""
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context = browser.new_context(viewport={"width": 1400, "height": height})
         context.route("**/*", _loopback_only)
         page = context.new_page()
-        page.goto(webui_with_ui.url, timeout=120_000)
+        page.goto(url, timeout=120_000)
         page.locator("#txt2img_generate").wait_for(timeout=120_000)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(playwright_api, webui_with_ui):
+    yield from browser_page(playwright_api, webui_with_ui.url)
 
 
 @pytest.fixture(scope="module")
