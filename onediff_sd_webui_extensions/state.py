@@ -58,6 +58,7 @@ QUANTIZATION_CHOICES = ["int8", "fp8"]
 # Measured step times of quantized against float graphs, per device, kept in the compile cache folder so the
 # checkbox can say at the next start what quantization does on this device.
 QUANTIZATION_SPEED_FILE = "quantization-speed.json"
+CONTROL_NETWORK_GRAPHS = 2  # compiled ControlNet networks kept (two units with models of other structures)
 
 _TRUE_STRINGS = {"1", "true", "yes", "on"}
 _FALSE_STRINGS = {"", "0", "false", "no", "off", "none", "null"}
@@ -139,6 +140,7 @@ class JobRecord:
     attention_replaced: str = ""  # the webui's attention forward the graph was traced without (a1111/attention.py)
     recompile_limit_hit: bool = False
     control_units: int = 0  # ControlNet / T2I-Adapter units enabled for the job
+    control_networks: int = 0  # their control networks that ran compiled (a ControlNet's, every step)
     control_eager_reason: str = ""  # why those units made the job run eagerly
     notices: List[str] = dataclasses.field(default_factory=list)  # short, for the image's info line
     details: List[str] = dataclasses.field(default_factory=list)  # the full reasons (status route, console)
@@ -163,6 +165,8 @@ class JobRecord:
             parts.append(f"sdp attention (for {self.attention_replaced})")
         if self.control_units:
             parts.append(f"{self.control_units} ControlNet unit(s) compiled")
+        if self.control_networks:
+            parts.append(f"{self.control_networks} control network(s) compiled")
         parts.extend(self.notices)
         return ", ".join(parts)
 
@@ -173,6 +177,8 @@ class OneDiffState:
     def __init__(self) -> None:
         self.settings = Settings()
         self.cache = GraphCache(max_graphs=self.settings.max_graphs)
+        # ControlNet units' control networks: graphs of their own, so they never evict a UNet's
+        self.control_cache = GraphCache(max_graphs=CONTROL_NETWORK_GRAPHS)
         self.lock = threading.Lock()
         self.jobs = 0
         self.accelerated_jobs = 0
@@ -201,6 +207,7 @@ class OneDiffState:
         folder = os.path.abspath(os.path.expanduser(settings.cache_dir)) if settings.cache_dir else None
         if folder != (self.cache.persistent.folder if self.cache.persistent is not None else None):
             self.cache.persistent = PersistentCache(folder) if folder else None
+        self.control_cache.persistent = self.cache.persistent
 
     def start_job(self) -> JobRecord:
         self.jobs += 1
@@ -322,6 +329,7 @@ class OneDiffState:
                 "compiled_jobs": self.controlnet_compiled_jobs,
                 "eager_jobs": self.controlnet_eager_jobs,
                 "eager_reasons": dict(self.controlnet_eager_reasons),
+                "control_network_graphs": [graph_label(entry) for entry in self.control_cache.entries()],
             },
             "device_memory_mb": _device_memory_mb(),
             "torch": torch.__version__,
@@ -335,7 +343,9 @@ def quantization_scheme(entry: Any) -> str:
 
 
 def graph_kind(entry: Any) -> str:
-    """What the progress bar calls a graph: "UNet", or "int8-dynamic UNet"."""
+    """What the progress bar calls a graph: "UNet", "int8-dynamic UNet", or "ControlNet" (a unit's network)."""
+    if "ControlNet" in entry.signature.class_name:
+        return "ControlNet"
     scheme = quantization_scheme(entry)
     return f"{scheme} UNet" if scheme else "UNet"
 

@@ -103,7 +103,7 @@ def announce_first_call(entry) -> None:
         what = f"loading a compiled {graph_kind(entry)} graph from the compile cache"
     else:
         problem = f" ({entry.cache_problem})" if entry.cache_problem else ""
-        what = (f"compiling a new {graph_kind(entry)} graph with {entry.key.backend}, once per UNet structure and "
+        what = (f"compiling a new {graph_kind(entry)} graph with {entry.key.backend}, once per model structure and "
                 f"size{problem}")
     print(f"OneDiff: {what} {entry.signature.short()}{expected} ...", flush=True)
 

@@ -40,6 +40,8 @@ BODY_LOCALS = ("x", "timesteps", "context", "y", "total_controlnet_embedding", "
                "require_inpaint_hijack")
 # unit types whose whole effect is the residuals the body adds (ControlModelType names)
 RESIDUAL_UNIT_TYPES = ("ControlNet", "ControlLoRA", "ControlNetUnion", "T2I_Adapter")
+# units whose control network runs at every step (a T2I-Adapter runs once per job and caches its features)
+PER_STEP_UNIT_TYPES = ("ControlNet", "ControlLoRA", "ControlNetUnion")
 # preprocessors whose post-processing reads the UNet's output inside ControlNet's forward
 OUTPUT_POST_PROCESSING = ("colorfix", "inpaint_only")
 # attributes ControlNet leaves on the UNet and its blocks as per-job state (for the graph cache's signature)
@@ -144,6 +146,22 @@ class _UNetStandIn:
         raise _BodyReached({name: values[name] for name in BODY_LOCALS})
 
 
+class NetworkStandIn(torch.nn.Module):
+    """What takes a control network's place in its ``PlugableControlModel`` for a compiled call: the network
+    is its submodule ``eager`` (ControlNet's device moves reach it) and its attributes read through
+    (ControlNet reads ``input_blocks`` of the network it holds to recognise inpainting UNets)."""
+
+    def __init__(self, eager: torch.nn.Module):
+        super().__init__()
+        self.eager = eager
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["eager"], name)
+
+
 @dataclasses.dataclass
 class ControlledCall:
     """A compiled call's inputs as ControlNet prepared them, its residuals aligned to the graph's slots."""
@@ -171,6 +189,7 @@ class ControlNetJob:
         self.inner = closure.get("forward")
         self.body_code = getattr(self.inner, "__code__", None)
         self.replaced_block: Optional[str] = None  # a block's forward another patch replaced, in words
+        self.compiled_networks: Dict[int, torch.nn.Module] = {}  # id(control network) -> its compiled stand-in
 
     @property
     def units(self) -> List[Any]:
@@ -198,14 +217,39 @@ class ControlNetJob:
             return "ControlNet batch mode runs eagerly"
         return self.replaced_block
 
+    def control_networks(self) -> List[Tuple[Any, torch.nn.Module]]:
+        """(holder, network) for each unit whose control network runs every step: sd-webui-controlnet's
+        ``PlugableControlModel`` and the ``ControlNet`` module in its ``control_model``. Not with ControlNet's
+        per-unit low-VRAM option, which moves the network between devices around each step."""
+        if getattr(self.outer, "lowvram", False):
+            return []
+        found = []
+        for unit in self.units:
+            holder = getattr(unit, "control_model", None)
+            network = getattr(holder, "control_model", None)
+            kind = getattr(getattr(unit, "control_model_type", None), "name", "")
+            if kind in PER_STEP_UNIT_TYPES and isinstance(network, torch.nn.Module):
+                found.append((holder, network))
+        return found
+
     def capture(self, args: tuple, kwargs: dict, residual_unet: ResidualUNet) -> ControlledCall:
-        """Run ControlNet's forward up to the UNet body and return the compiled call it asks for."""
+        """Run ControlNet's forward up to the UNet body and return the compiled call it asks for. Control
+        networks with a compiled stand-in (:attr:`compiled_networks`) run it for this call."""
+        swapped = []
         try:
+            for holder, network in self.control_networks():
+                stand_in = self.compiled_networks.get(id(network))
+                if stand_in is not None:
+                    holder.control_model = stand_in
+                    swapped.append((holder, network))
             self.forward.__func__(_UNetStandIn(self.unet, self.body_code), *args, **kwargs)
         except _BodyReached as reached:
             found = reached.body_locals
         else:
             raise RuntimeError("ControlNet's forward returned without reaching the UNet body")
+        finally:
+            for holder, network in swapped:
+                holder.control_model = network
         # ControlNet strips its cond/uncond mark as a view (``context[:, 1:]``): the graph guards on strides,
         # so the inputs are passed in the contiguous layout the webui's plain calls have
         x, timesteps, context, y = (_contiguous(found[name]) for name in ("x", "timesteps", "context", "y"))

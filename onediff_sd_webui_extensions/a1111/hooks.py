@@ -148,6 +148,34 @@ class GuardedUNet(EagerUNetView):
 A1111_UNET_FORWARD = "create_unet_forward.<locals>.UNetModel_forward"
 
 
+class CompiledControlNetwork(controlnet.NetworkStandIn):
+    """A ControlNet unit's control network compiled (its own graph, from ``STATE.control_cache``), standing in
+    for it in sd-webui-controlnet's ``PlugableControlModel`` during a compiled call (see
+    :meth:`controlnet.ControlNetJob.capture`). The eager network stays its submodule, so ControlNet's device
+    moves reach it; if the compiled network fails, the job goes on with the eager one."""
+
+    def __init__(self, lookup: Any, eager: torch.nn.Module, job: JobRecord):
+        super().__init__(eager)
+        object.__setattr__(self, "lookup", lookup)
+        object.__setattr__(self, "job", job)
+        self.failed = False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                traceable = attention.traceable_attention(devices.device.type)
+                with lora_bridge.original_forwards(), traceable:
+                    with STATE.watch_compile(self.lookup.entry, args, kwargs, show_in_progress_bar):
+                        return self.lookup.unet(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 (the unit runs eagerly; the UNet stays compiled)
+                self.failed = True
+                reason = f"compiled control network failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                logger.error("OneDiff: %s; it runs eagerly for this job\n%s", reason, traceback.format_exc())
+                STATE.failed_graphs[self.lookup.entry.key] = reason
+                self.job.notices.append(reason)
+        return self.eager(*args, **kwargs)
+
+
 def _eager_reason(sd_model) -> Optional[str]:
     if shared.cmd_opts.lowvram:
         return "--lowvram moves UNet blocks during the forward, which a compiled graph cannot follow"
@@ -246,9 +274,27 @@ class CompiledSampling:
                 self.job.control_eager_reason = reason
             return None, None, reason
         lookup, reason = compiled_unet_lookup(unet, self.job, self.quantization)
-        if lookup is not None and control is not None and lookup.entry.residual_unet is None:
-            return None, None, "ControlNet needs a UNet of ldm's layout"
+        if lookup is not None and control is not None:
+            if lookup.entry.residual_unet is None:
+                return None, None, "ControlNet needs a UNet of ldm's layout"
+            for _holder, network in control.control_networks():
+                if id(network) not in control.compiled_networks:  # two units may share one loaded model
+                    control.compiled_networks[id(network)] = self._compiled_network(network)
         return lookup, control, reason
+
+    def _compiled_network(self, network: torch.nn.Module) -> Optional[CompiledControlNetwork]:
+        """The compiled stand-in of a unit's control network, or None (it then runs eagerly, as in the webui)."""
+        try:
+            lookup = STATE.control_cache.get(network, self.settings.backend, self.settings.compile_options())
+        except Exception as error:  # noqa: BLE001 (the control network stays eager; the UNet is compiled)
+            self._note(f"control network eager ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            return None
+        if lookup.entry.key in STATE.failed_graphs:
+            return None
+        if lookup.entry.compile_s is None:
+            announce_first_call(lookup.entry)
+        self.job.control_networks += 1
+        return CompiledControlNetwork(lookup, network, self.job)
 
     def _swap_in(self, sd_model, lookup, control) -> None:
         entry = lookup.entry

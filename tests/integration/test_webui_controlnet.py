@@ -172,8 +172,13 @@ def test_controlnet_unit_on_an_sd15_width_unet(server, models):
     controlnet, checkpoint = models["controlnet"]["model"], models["controlnet"]["checkpoints"][0]
     plain = with_checkpoint(BASE, checkpoint)
     plain_eager, _ = _compare(server, plain)  # compiles the SD1.5-width graph
-    before = server.status()["dynamo_graphs_total"]
-    eager, compiled = _compare(server, with_units(plain, unit(controlnet)))
+    eager, compiled = _compare(server, with_units(plain, unit(controlnet)))  # compiles the ControlNet network
     assert _effect(eager, plain_eager) > MIN_UNIT_EFFECT, "the ControlNet did not change the image"
+    assert "1 control network(s) compiled" in onediff_info(compiled)
+    status = server.status()
+    assert len(status["controlnet"]["control_network_graphs"]) == 1
+    assert status["last_job"]["new_graphs"] == 1  # the network's graph; the UNet's is the plain one
+    before = status["dynamo_graphs_total"]
     _compare(server, with_units(plain, unit(controlnet, image="checks", weight=0.5), unit(controlnet, weight=0.4)))
+    _compare(server, with_units(plain, unit(controlnet, guidance_end=0.5)))
     assert server.status()["dynamo_graphs_total"] == before

@@ -35,9 +35,10 @@ def aligned_adding(base, x, require_channel_alignment):
 
 
 class Unit:
-    def __init__(self, kind, features, weight=1.0, preprocessor="none"):
+    def __init__(self, kind, features, weight=1.0, preprocessor="none", control_model=None):
         self.control_model_type = kind
         self.features = features  # the residuals a control model would compute: one per slot
+        self.control_model = control_model  # or a holder whose control network computes them
         self.weight = weight
         self.preprocessor = {"name": preprocessor}
         self.guidance_stopped = False
@@ -59,7 +60,12 @@ class UnetHook:
                     continue
                 target = (total_controlnet_embedding if param.control_model_type == ControlModelType.ControlNet
                           else total_t2i_adapter_embedding)
-                for index, feature in enumerate(param.features):
+                if param.control_model is not None:  # as ControlNet: reads the held network, then calls the holder
+                    assert param.control_model.control_model.input_blocks
+                    features = param.control_model(x=x)
+                else:
+                    features = param.features
+                for index, feature in enumerate(features):
                     if batch_option_uint_separate:  # ControlNet zeroes other units' batch items here
                         feature = feature.clone()
                     target[index] = feature * param.weight + target[index]
@@ -216,3 +222,65 @@ def test_a_block_replaced_beside_controlnets_hook_is_reported_by_the_job(hook_mo
     assert job.eager_reason(controlnet.support(hook_modules)).startswith("input_blocks.4.forward was replaced by")
     job.units[0].control_model_type = ControlModelType.IPAdapter
     assert job.eager_reason(controlnet.support(hook_modules)).startswith("ControlNet IPAdapter units")
+
+
+class Holder(torch.nn.Module):
+    """Shaped like sd-webui-controlnet's PlugableControlModel: the network in ``control_model``."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.control_model = network
+
+    def forward(self, *args, **kwargs):
+        return self.control_model(*args, **kwargs)
+
+
+class FixedNetwork(torch.nn.Module):
+    """A control network that returns given residuals (scaled by a weight, so it has a parameter)."""
+
+    def __init__(self, residuals):
+        super().__init__()
+        self.residuals = residuals
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    input_blocks = "the network's blocks"  # ControlNet reads attributes of the network it holds
+
+    def forward(self, x):
+        return [r * self.gain if isinstance(r, torch.Tensor) else r for r in self.residuals]
+
+
+class Recording(controlnet.NetworkStandIn):
+    """Stands in for a compiled network as the webui's CompiledControlNetwork does, counting calls."""
+
+    def __init__(self, network):
+        super().__init__(network)
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.eager(*args, **kwargs)
+
+
+def test_a_controlnets_network_runs_its_compiled_stand_in_during_the_call(hook_modules):
+    inputs = _inputs()
+    units = []
+
+    def make_units(unet):
+        control = _units(unet, inputs)[0]
+        holder = Holder(FixedNetwork(control.features))
+        units.append(Unit(ControlModelType.ControlNet, None, weight=0.7, control_model=holder))
+        return units
+
+    toy = _hooked(make_units)
+    expected = toy(inputs[0], inputs[1], context=inputs[2])
+    job, _ = controlnet.job_for(toy)
+    [(holder, network)] = job.control_networks()
+    stand_in = job.compiled_networks[id(network)] = Recording(network)
+    residual_unet = ResidualUNet(toy)
+    call = job.capture((inputs[0], inputs[1]), {"context": inputs[2]}, residual_unet)
+    args, kwargs = call.arguments()
+    assert stand_in.calls == 1 and holder.control_model is network  # swapped in for the call only
+    assert torch.allclose(residual_unet(*args, kwargs["context"], kwargs["y"], kwargs["residuals"]), expected,
+                          atol=1e-5)
+    job.outer.lowvram = True  # ControlNet's per-unit low VRAM moves the network around each step: left eager
+    assert job.control_networks() == []
