@@ -112,11 +112,9 @@ class ResidualUNet(torch.nn.Module):
             return self._zeros[key]
         outputs = self.block_outputs(x, timesteps, context, y)
         control = [torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in outputs]
-        adapter = [control[index] for index in self.adapter_blocks]
-        if self.sdxl_adapters:
-            adapter.append(control[-1])
-        # one tensor per slot: a graph input that aliases another is guarded apart from a real residual
-        zeros = Residuals([t.clone() for t in control], [t.clone() for t in adapter])
+        slots = [*self.adapter_blocks, *([len(outputs) - 1] if self.sdxl_adapters else [])]
+        # a tensor of its own per slot: a graph input that aliases another is guarded apart from a real residual
+        zeros = Residuals(control, [torch.zeros_like(control[index]) for index in slots])
         self._zeros[key] = zeros
         while len(self._zeros) > _ZEROS_KEPT:
             self._zeros.popitem(last=False)

@@ -80,6 +80,6 @@ def dependencies(users: Dict[str, str]) -> List[Any]:
     return [Depends(require)]
 
 
-def route(app: Any, path: str, endpoint: Callable, cmd_opts: Any) -> None:
-    """``GET path`` on ``app``, behind the webui's API credentials when it has any."""
-    app.add_api_route(path, endpoint, methods=["GET"], dependencies=dependencies(credentials(cmd_opts)))
+def route(app: Any, path: str, endpoint: Callable, users: Dict[str, str]) -> None:
+    """``GET path`` on ``app``, behind ``users``' credentials (:func:`credentials`) when there are any."""
+    app.add_api_route(path, endpoint, methods=["GET"], dependencies=dependencies(users))

@@ -216,9 +216,10 @@ def _live_html(render, section):
 
 
 def on_app_started(_demo, app):
-    api_form.install(app, SCRIPT_TITLE, authorized=api_auth.scope_check(api_auth.credentials(shared.cmd_opts)))
+    users = api_auth.credentials(shared.cmd_opts)  # the webui's API credentials, read once (an auth file too)
+    api_form.install(app, SCRIPT_TITLE, authorized=api_auth.scope_check(users))
 
     def onediff_status():
         return STATE.status()
 
-    api_auth.route(app, "/onediff/v1/status", onediff_status, shared.cmd_opts)  # 401 where /sdapi/v1/* is
+    api_auth.route(app, "/onediff/v1/status", onediff_status, users)  # 401 where /sdapi/v1/* is

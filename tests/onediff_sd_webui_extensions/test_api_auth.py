@@ -30,14 +30,16 @@ def test_the_route_answers_401_without_credentials_and_200_with_them():
     from fastapi.testclient import TestClient
 
     app = fastapi.FastAPI()
-    api_auth.route(app, "/onediff/v1/status", lambda: {"busy": False}, types.SimpleNamespace(api_auth="alice:s3cret"))
+    api_auth.route(app, "/onediff/v1/status", lambda: {"busy": False},
+                   api_auth.credentials(types.SimpleNamespace(api_auth="alice:s3cret")))
     client = TestClient(app)
     assert client.get("/onediff/v1/status").status_code == 401
     assert client.get("/onediff/v1/status", auth=("alice", "wrong")).status_code == 401
     answer = client.get("/onediff/v1/status", auth=("alice", "s3cret"))
     assert answer.status_code == 200 and answer.json() == {"busy": False}
     open_app = fastapi.FastAPI()
-    api_auth.route(open_app, "/onediff/v1/status", lambda: {"busy": False}, types.SimpleNamespace(api_auth=None))
+    api_auth.route(open_app, "/onediff/v1/status", lambda: {"busy": False},
+                   api_auth.credentials(types.SimpleNamespace(api_auth=None)))
     assert TestClient(open_app).get("/onediff/v1/status").status_code == 200
 
 
