@@ -20,7 +20,6 @@ rather than replaying stale addresses, and the entry counts it in ``moves_after_
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import gc
 import threading
@@ -114,8 +113,7 @@ class CompiledUNet(torch.nn.Module):
             graph_args, graph_kwargs = entry.residual_unet.call_arguments(args, kwargs), {}
         else:
             graph_args, graph_kwargs = args, kwargs
-        with entry.stored.activated() if entry.stored is not None else contextlib.nullcontext():
-            output = self.graph(*graph_args, **graph_kwargs)
+        output = self._call_graph(entry.stored, graph_args, graph_kwargs)
         if entry.cuda_graphs:
             output = copy_out_of_graph_memory(output)
         new_graphs = compiled_graph_count() - graphs_before
@@ -138,6 +136,19 @@ class CompiledUNet(torch.nn.Module):
         if entry.stored is not None and (first_call or new_graphs):
             entry.stored.save(entry.compile_s)  # record what inductor wrote, so the next process can load it
         return output
+
+    def _call_graph(self, stored: Optional[StoredGraph], args: tuple, kwargs: dict) -> Any:
+        """Call the graph with its compile cache folder; a compile that fails writing into that folder (a full
+        disk, the folder deleted while the webui runs) is done again without it, so the job stays compiled."""
+        if stored is None or stored.bypassed:
+            return self.graph(*args, **kwargs)
+        try:
+            with stored.activated():
+                return self.graph(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 (re-raised unless the folder was at fault)
+            if not stored.bypass_after_write_failure(error):
+                raise
+        return self.graph(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -222,8 +233,14 @@ class GraphEntry:
 
     @property
     def cache_problem(self) -> Optional[str]:
-        """Why a stored entry was refused (corrupt, other key, unreadable), to show the user; else None."""
+        """Why a stored entry was refused (corrupt, other key, unreadable) or the folder not used, to show the
+        user; else None."""
         return None if self.stored is None else self.stored.problem
+
+    @property
+    def cache_notice(self) -> Optional[str]:
+        """:attr:`cache_problem` in a few words, for a job's info line."""
+        return None if self.stored is None else self.stored.notice
 
     @property
     def expected_s(self) -> Optional[float]:

@@ -239,6 +239,7 @@ class Check:
     status: str
     problem: Optional[str] = None
     manifest: Optional[Dict[str, Any]] = None
+    reason: Optional[str] = None  # the problem in a few words, for a job's info line
 
 
 @dataclasses.dataclass(eq=False)
@@ -246,8 +247,9 @@ class StoredGraph:
     """One key's folder in the persistent cache, as used by one compiled graph.
 
     ``hit`` says the folder held a verified entry when the graph was created; ``problem`` is the message to
-    show when an entry was found but refused; ``expected_s`` is how long the first call should take, when
-    known: on a hit the last load of this entry, when a damaged entry is recompiled its recorded compile.
+    show when an entry was found but refused, or the folder could not be used, and ``notice`` the same in a
+    few words (a job's info line); ``expected_s`` is how long the first call should take, when known: on a hit
+    the last load of this entry, when a damaged entry is recompiled its recorded compile.
     """
 
     cache: "PersistentCache"
@@ -258,6 +260,7 @@ class StoredGraph:
     expected_s: Optional[float] = None
     manifest: Optional[Dict[str, Any]] = None
     generation: int = 0
+    notice: Optional[str] = None
 
     @property
     def inductor_folder(self) -> str:
@@ -311,6 +314,45 @@ class StoredGraph:
             message = f"could not write the compile cache entry {self.path}: {error}"
             logger.warning(message)
             self.problem = message
+            self.notice = f"compile cache entry not saved ({error.strerror or type(error).__name__})"
+
+    def bypass_after_write_failure(self, error: BaseException) -> bool:
+        """Stop using the folder when ``error`` (a failed compile) comes from writing into it: a full disk, a
+        quota, the folder deleted or made read-only while the webui runs. Returns whether it did, so the caller
+        compiles again with torch's own cache folder; any other failure is the caller's."""
+        failure = _write_failure(error, self.cache.folder)
+        if failure is None:
+            return False
+        self.bypassed = True
+        shutil.rmtree(self.path, ignore_errors=True)  # what the failed compile left there (no manifest: unusable)
+        self.problem = f"compile cache not used: writing into {self.cache.folder} failed ({failure})"
+        self.notice = f"compile cache not used ({failure})"
+        logger.warning("OneDiff: %s; compiling without it", self.problem)
+        return True
+
+
+def _is_under(path: str, folder: str) -> bool:
+    path = os.path.abspath(path)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+# What a failed write says when the disk, not the compile, is at fault (also in a C++ compiler's output).
+_DISK_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def _write_failure(error: BaseException, folder: str) -> Optional[str]:
+    """The reason, in a few words, when ``error`` or an exception it was raised from is an OSError on a path
+    under ``folder``, or says the disk is full or read-only; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.filename and _is_under(str(error.filename), folder):
+            return error.strerror or type(error).__name__
+        for message in _DISK_FAILURES:
+            if message in str(error):
+                return message
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class PersistentCache:
@@ -332,39 +374,41 @@ class PersistentCache:
             return Check("miss")  # nothing stored (a graph that was never called leaves at most an empty folder)
         where = f"compile cache entry {path}"
         if not os.path.exists(manifest_path):
-            return Check("invalid", f"{where} has no manifest (an interrupted compile?)")
+            return Check("invalid", f"{where} has no manifest (an interrupted compile?)", reason="no manifest")
         try:
             with open(manifest_path) as handle:
                 manifest = json.load(handle)
             stored_fields = manifest["key"]
             files = manifest["files"]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            return Check("invalid", f"{where} has an unreadable manifest ({type(error).__name__}: {error})")
+            return Check("invalid", f"{where} has an unreadable manifest ({type(error).__name__}: {error})",
+                         reason="unreadable manifest")
         if stored_fields != fields:
             differing = sorted(
                 name for name in set(fields) | set(stored_fields or {})
                 if (stored_fields or {}).get(name) != fields.get(name)
             )
-            return Check("invalid", f"{where} was written for another key (differs in: {', '.join(differing)})")
-        def damaged(message: str) -> Check:
-            return Check("invalid", f"{where}: {message}", manifest)
+            return Check("invalid", f"{where} was written for another key (differs in: {', '.join(differing)})",
+                         reason=f"another {differing[0]}" if len(differing) == 1 else "another key")
+        def damaged(message: str, reason: str) -> Check:
+            return Check("invalid", f"{where}: {message}", manifest, reason)
 
         try:
             present = set(_content_files(path)) - {MANIFEST}
             for name, recorded in files.items():
                 file_path = os.path.join(path, name)
                 if name not in present:
-                    return damaged(f"{name} is missing")
+                    return damaged(f"{name} is missing", "a file missing")
                 size = os.path.getsize(file_path)
                 if size != recorded["size"]:
-                    return damaged(f"{name} has {size} bytes, {recorded['size']} expected (truncated?)")
+                    return damaged(f"{name} has {size} bytes, {recorded['size']} expected (truncated?)", "a file truncated")
                 if _sha256(file_path) != recorded["sha256"]:
-                    return damaged(f"{name} does not match its recorded SHA-256")
+                    return damaged(f"{name} does not match its recorded SHA-256", "a file altered")
             unlisted = sorted(present - set(files))
         except (OSError, KeyError, TypeError) as error:
-            return damaged(f"cannot be read ({type(error).__name__}: {error})")
+            return damaged(f"cannot be read ({type(error).__name__}: {error})", "unreadable")
         if unlisted:
-            return damaged(f"holds {len(unlisted)} unrecorded file(s), e.g. {unlisted[0]}")
+            return damaged(f"holds {len(unlisted)} unrecorded file(s), e.g. {unlisted[0]}", "unrecorded files")
         return Check("hit", None, manifest)
 
     def open(self, key) -> StoredGraph:
@@ -377,16 +421,20 @@ class PersistentCache:
             path = self.entry_path(fields)
             distrust = trust_problem(self.folder, contents=False) or trust_problem(path)
             problem = f"compile cache not used: {distrust} (it must be writable by you only)" if distrust else None
+            notice = "compile cache not used (others can write it)" if distrust else None
             if problem is None and not _writable(self.folder):
                 problem = f"compile cache not used: {self.folder} cannot be written (read-only?)"
+                notice = "compile cache not used (read-only)"
             if problem:
                 logger.warning("OneDiff: %s", problem)
-                return StoredGraph(self, path, fields, False, problem, None, None, self.generation, bypassed=True)
+                return StoredGraph(self, path, fields, False, problem, None, None, self.generation, notice,
+                                   bypassed=True)
             verdict = self.check(fields)
             if verdict.status == "hit":
                 manifest = verdict.manifest
                 return StoredGraph(self, path, fields, True, None, manifest.get("load_s"), manifest, self.generation)
             problem = verdict.problem
+            notice = f"stored graph refused ({verdict.reason}), compiled afresh" if problem else None
             expected = verdict.manifest.get("compile_s") if verdict.manifest else None
             if problem:
                 logger.warning("%s; compiling again", problem)
@@ -395,8 +443,9 @@ class PersistentCache:
                     shutil.rmtree(path)  # the folder is created on the first call, when there is something to keep
             except OSError as error:
                 problem = f"{problem + '; ' if problem else ''}cannot empty {path}: {error}"
+                notice = notice or f"compile cache entry not emptied ({error.strerror or type(error).__name__})"
                 logger.warning(problem)
-            return StoredGraph(self, path, fields, False, problem, expected, None, self.generation)
+            return StoredGraph(self, path, fields, False, problem, expected, None, self.generation, notice)
 
     def entries(self) -> List[Dict[str, Any]]:
         """The manifests of all entries (unreadable ones left out), for a settings page."""

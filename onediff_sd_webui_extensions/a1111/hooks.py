@@ -354,6 +354,8 @@ class CompiledSampling:
                       flush=True)
                 if entry.signature.short() == job.graph:
                     job.compile_s = entry.compile_s
+            if entry.cache_notice and (swap.first_call or entry.recompile_s > swap.recompile_s_before):
+                self._note(entry.cache_notice)  # this job compiled, and the compile cache could not keep it
             job.new_size_compile_s += entry.recompile_s - swap.recompile_s_before
         if self.swaps:
             graphs_before, breaks_before, limit_hits_before = self.counters_before

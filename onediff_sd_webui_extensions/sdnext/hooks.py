@@ -156,8 +156,11 @@ class CompiledBatch:
                 print(f"OneDiff: graph {entry.signature.short()} ready in {entry.compile_s:.1f} s", flush=True)
                 job.compile_s = entry.compile_s
             graphs_before, breaks_before, limit_hits_before = self.counters_before
-            job.new_graphs += compiled_graph_count() - graphs_before
+            new_graphs = compiled_graph_count() - graphs_before
+            job.new_graphs += new_graphs
             job.graph_breaks += graph_break_count() - breaks_before
+            if entry.cache_notice and (self.first_call or new_graphs):
+                self._note(entry.cache_notice)  # this job compiled, and the compile cache could not keep it
             if len(STATE.cache.recompile_limit_watcher.messages) > limit_hits_before:
                 job.recompile_limit_hit = True
                 self._note("dynamo hit its recompile limit: part of this job ran eagerly (see the status route)")

@@ -209,6 +209,7 @@ def test_damaged_entry_is_reported_and_emptied(tmp_path, damage, message):
     assert verdict.status == "invalid" and message in verdict.problem
     reopened = cache.open(key)
     assert not reopened.hit and message in reopened.problem
+    assert reopened.notice == f"stored graph refused ({verdict.reason}), compiled afresh"  # the job's info
     assert not os.path.exists(reopened.path)
     if damage in ("flip", "truncate", "unlisted", "remove"):  # the manifest was fine: its compile time is known
         assert reopened.expected_s == 12.5
@@ -300,6 +301,63 @@ def test_a_read_only_folder_is_bypassed_not_failed(tmp_path, monkeypatch):
     key, _ = GraphCache(max_graphs=1).key_for(torch.nn.Linear(4, 4), "inductor")
     stored = PersistentCache(str(folder)).open(key)
     assert stored.bypassed and "cannot be written (read-only?)" in stored.problem
+    assert stored.notice == "compile cache not used (read-only)"
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     with stored.activated():
         assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+
+
+class _SmallNet(torch.nn.Module):
+    """A module of its own class, so its compile is never served by dynamo's memory of another test's graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.second(torch.nn.functional.gelu(self.first(x)))
+
+
+def test_a_compile_that_cannot_write_into_the_folder_runs_without_it(tmp_path, monkeypatch):
+    """A full disk (a failed write injected into inductor's file writer, for paths in the cache folder only):
+    the graph compiles again with torch's own cache folder, the job stays compiled and says why in a few words,
+    and what the failed compile left in the folder is removed. (Before: the compiled call failed, the job
+    finished eagerly and the graph was marked failed for the rest of the session.)"""
+    import errno
+
+    from torch._inductor import codecache
+
+    folder = tmp_path / "cache"
+    real_write = codecache.write_atomic
+
+    def disk_full_in_the_cache_folder(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(codecache, "write_atomic", disk_full_in_the_cache_folder)
+    module, x = _SmallNet().eval(), torch.randn(2, 8)
+    lookup = GraphCache(max_graphs=1, persistent=PersistentCache(str(folder))).get(module, "inductor")
+    with torch.no_grad():
+        assert torch.allclose(lookup.unet(x), module(x), atol=1e-5)
+    stored = lookup.entry.stored
+    assert stored.bypassed and lookup.entry.cache_notice == "compile cache not used (No space left on device)"
+    assert "writing into" in lookup.entry.cache_problem and not os.path.exists(stored.path)
+
+
+def test_a_folder_deleted_while_running_is_made_again(tmp_path):
+    """The cache folder removed between calls (a user cleaning up): a graph already built keeps running, a new
+    size compiles into a new folder, and its entry verifies."""
+    folder = tmp_path / "cache"
+    module = _SmallNet().eval()
+    cache = GraphCache(max_graphs=1, persistent=PersistentCache(str(folder)))
+    lookup = cache.get(module, "inductor", CompileOptions(dynamic=False))
+    with torch.no_grad():
+        lookup.unet(torch.randn(2, 8))
+        shutil.rmtree(folder)
+        x = torch.randn(2, 8)
+        assert torch.allclose(lookup.unet(x), module(x), atol=1e-5)
+        x = torch.randn(5, 8)  # a new size: compiled into the folder made again
+        assert torch.allclose(lookup.unet(x), module(x), atol=1e-5)
+    assert lookup.entry.recompiles == 1 and lookup.entry.cache_problem is None
+    assert cache.persistent.check(key_fields(lookup.entry.key)).status == "hit"

@@ -15,7 +15,10 @@ graph is complete and reused by the next job.
 """
 
 import base64
+import contextlib
 import io
+import shutil
+import subprocess
 import threading
 import time
 
@@ -265,3 +268,77 @@ def test_odd_input_answers_as_without_the_script(faults_webui, base_request, eag
     status_after = assert_idle(webui)
     assert status_after["compiled_call_failures"] == 0 and status_after["failed_graphs"] == []
     assert_plain_compiled_job_works(webui, base_request, eager_base)
+
+
+# --- The compile cache folder under the running webui -------------------------------------------------------------
+
+
+def test_compile_cache_folder_deleted_while_the_webui_runs(faults_webui, base_request, eager_base):
+    """The folder removed by hand between jobs: graphs in memory keep running, and a new size compiles into
+    the folder made again, whose entry is recorded (a manifest) for the next start."""
+    webui = faults_webui
+    folder = webui.log_path.parent / "compile-cache"
+    assert_accelerated(webui.post_ok(TXT2IMG, accelerated(base_request)))  # the graph exists, and its entry
+    assert webui.status()["persistent_cache"]["entries"] >= 1, "no entry to delete: the test would prove nothing"
+    shutil.rmtree(folder)
+
+    compiled = webui.post_ok(TXT2IMG, accelerated(base_request))
+    assert_accelerated(compiled)
+    assert_same_image(eager_base, compiled)
+    request = dict(base_request, width=80)  # a new size of the same graph: compiled into the deleted folder
+    eager = webui.post_ok(TXT2IMG, request)
+    compiled = webui.post_ok(TXT2IMG, accelerated(request))
+    info = onediff_info(compiled)
+    print(f"\nafter the folder was deleted: {info}")
+    assert_accelerated(compiled)
+    assert "compiled 1 new size(s)" in info and "compile cache" not in info, info
+    assert_same_image(eager, compiled)
+    status = assert_idle(webui)
+    assert status["persistent_cache"]["entries"] == 1 and status["compiled_call_failures"] == 0
+    assert all(graph["cache_problem"] is None for graph in status["graphs"]), status["graphs"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled to the last byte (mounting needs root: skipped otherwise), owner-only as the
+    compile cache must be."""
+    mount_point = tmp_path / "full-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a small tmpfs, and mounting one failed: {mounted.stderr.strip()} "
+                    "(tests/compile/test_persistent_cache.py injects the same failure without a mount)")
+    try:
+        with open(mount_point / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_compile_cache_on_a_full_disk(faults_webui, base_request, full_disk):
+    """The cache folder set to a full disk: a new graph compiles without it (torch's own cache folder) and the
+    job stays compiled, its info and the status say why; nothing is marked failed."""
+    webui = faults_webui
+    folder = str(full_disk / "compile-cache")
+    assert webui.request("/sdapi/v1/options", {"onediff_cache_dir": folder})[0] == 200
+    try:
+        request = with_checkpoint(BASE, "tiny_heads")  # another structure: a new graph, opened in the new folder
+        eager = webui.post_ok(TXT2IMG, request)
+        compiled = webui.post_ok(TXT2IMG, accelerated(request))
+        info = onediff_info(compiled)
+        print(f"\non a full disk: {info}")
+        assert_accelerated(compiled)
+        assert "compile cache not used (No space left on device)" in info, info
+        assert_same_image(eager, compiled)
+        status = assert_idle(webui)
+        assert status["compiled_call_failures"] == 0 and status["failed_graphs"] == []
+        problems = [graph["cache_problem"] for graph in status["graphs"] if graph["cache_problem"]]
+        assert any("No space left on device" in problem for problem in problems), status["graphs"]
+        again = webui.post_ok(TXT2IMG, accelerated(request))
+        assert "compile cache" not in onediff_info(again) and webui.status()["last_job"]["new_graphs"] == 0
+        assert_same_image(eager, again)
+    finally:
+        webui.request("/sdapi/v1/options", {"onediff_cache_dir": str(webui.log_path.parent / "compile-cache")})
