@@ -57,3 +57,14 @@ def assert_same_lora_image(eager_answer, compiled_answer, eager_without_lora_ans
 def assert_accelerated(answer):
     info = onediff_info(answer)
     assert info.startswith("inductor"), f"the job ran eagerly: {info!r}"
+
+
+def psnr(a, b):
+    return 10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12))
+
+
+# int8 (weights and activations) changes the image a little; the tests print the measured PSNRs.
+INT8_MIN_PSNR_DB = 25.0
+# "The LoRA changes the int8 image like the float one": the int8+LoRA image must be clearly closer to the
+# float+LoRA image than to the float image without LoRA.
+LORA_MARGIN_DB = 3.0

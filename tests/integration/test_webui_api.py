@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from .api_checks import (
+    INT8_MIN_PSNR_DB,
+    LORA_MARGIN_DB,
     SCRIPT,
     accelerated,
     assert_accelerated,
     assert_same_image,
     assert_same_lora_image,
     onediff_info,
+    psnr,
     with_checkpoint,
 )
 from .webui_server import WebUI
@@ -316,17 +319,6 @@ def test_lora_switch_reweight_and_text_encoder_lora_match_eager(webui):
         last = webui.status()["last_lora"]
         assert last is not None and [network[0] for network in last["networks"]] == [name], last
     assert webui.status()["dynamo_graphs_total"] == before, "a LoRA change compiled a graph"
-
-
-def psnr(a, b):
-    return 10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12))
-
-
-# int8 (weights and activations) changes the image a little; the test prints the measured PSNRs.
-INT8_MIN_PSNR_DB = 25.0
-# "The LoRA changes the int8 image like the float one": the int8+LoRA image must be clearly closer to the
-# float+LoRA image than to the float image without LoRA.
-LORA_MARGIN_DB = 3.0
 
 
 def test_int8_image_close_to_float_and_lora_changes_it_alike(webui):
