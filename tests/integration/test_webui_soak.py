@@ -15,10 +15,8 @@ count are sampled from ``/proc`` along the way, and the test prints what it meas
 import dataclasses
 import os
 import random
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -35,16 +33,18 @@ from .api_checks import (
     with_checkpoint,
 )
 from .conftest import start_webui
+from .long_run import (
+    assert_memory_levels_off,
+    images_alone,
+    lora_changes,
+    run_soak,
+    send_at_once,
+    skip_without_proc,
+)
 from .webui_server import WebUI
 
 SOAK_JOBS = int(os.environ.get("ONEDIFF_SOAK_JOBS", "400"))  # a tiny job takes ~0.2 s on the developers' CPU
 COMPARE_EVERY = 10  # every 10th soak job against its eager twin
-MEMORY_EVERY = 5  # resident memory sampled every 5 jobs
-# Resident memory growth allowed per 100 jobs over the soak's second half, when it must have levelled off: the
-# first jobs fill the webui's own caches (loaded LoRAs, upscalers), and samples scatter by +-30 MB (the
-# allocator) around a level line. A leak of 0.5 MB a job (a LoRA backup of the tiny UNet's attention layers;
-# a kept copy of its weights is several MB) crosses it.
-MAX_GROWTH_MB_PER_100_JOBS = 50.0
 MAX_GRAPHS = 3  # tiny_base float, tiny_base int8, tiny_heads float: each at 64x64 and hires fix's 96x96
 
 TXT2IMG, IMG2IMG = "/sdapi/v1/txt2img", "/sdapi/v1/img2img"
@@ -83,11 +83,6 @@ class Job:
         return path, accelerated(body, [self.int8])
 
 
-def lora_changes(previous: Dict[str, float], current: Dict[str, float]) -> int:
-    """LoRAs added, removed or reweighted from one job to the next."""
-    return sum(previous.get(name) != current.get(name) for name in set(previous) | set(current))
-
-
 def soak_plan(jobs: int, seed: int = 21) -> Tuple[List[Job], int]:
     """The soak's jobs, and how many LoRA changes they make. Every job's LoRAs differ from the previous job's."""
     rng = random.Random(seed)
@@ -111,26 +106,9 @@ def soak_plan(jobs: int, seed: int = 21) -> Tuple[List[Job], int]:
 WARM_UP = [Job("tiny_base", hires=True), Job("tiny_base", hires=True, int8=True), Job("tiny_heads", hires=True)]
 
 
-def resident_memory(pid: int) -> Tuple[float, int]:
-    """(resident memory in MB, threads) of a process, from /proc."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            name, _, value = line.partition(":")
-            fields[name] = value.split()
-    return int(fields["VmRSS"][0]) / 1024, int(fields["Threads"][0])
-
-
-def growth_per_100_jobs(samples: List[Tuple[int, float]]) -> float:
-    """The least-squares slope of (job number, MB) samples, per 100 jobs."""
-    jobs, megabytes = np.array([s[0] for s in samples], float), np.array([s[1] for s in samples], float)
-    return float(np.polyfit(jobs, megabytes, 1)[0] * 100)
-
-
 @pytest.fixture(scope="module")
 def soak_webui(tmp_path_factory, webui_python, tiny_checkpoints):
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("the soak reads the webui's memory from /proc (Linux)")
+    skip_without_proc()
     for webui in start_webui(tmp_path_factory, webui_python, tiny_checkpoints, name="webui-soak-data"):
         assert webui.request("/sdapi/v1/options", {"onediff_max_graphs": MAX_GRAPHS})[0] == 200
         yield webui
@@ -185,40 +163,16 @@ def test_soak(soak_webui, init_image):
     assert warm["compiles"] == len(warm["graphs"]) == MAX_GRAPHS, warm["graphs"]
     warm_up_s = time.time() - started
 
-    memory = [(0, *resident_memory(webui.process.pid))]
-    compared = []
-    started = time.time()
-    for number, job in enumerate(plan, start=1):
-        answer = webui.post_ok(*job.compiled(init_image))
-        assert_accelerated(answer)
-        status = webui.status()
-        assert status["busy"] is False and len(status["graphs"]) <= status["settings"]["max_graphs"] == MAX_GRAPHS
-        assert status["last_job"]["new_graphs"] == 0, f"job {number} ({job}) compiled: {status['last_job']}"
-        if number % COMPARE_EVERY == 0:
-            compared.append((number, assert_matches_eager_twin(webui, job, init_image, answer)))
-        if number % MEMORY_EVERY == 0:
-            memory.append((number, *resident_memory(webui.process.pid)))
-    soak_s = time.time() - started
-
-    end = webui.status()
-    assert end["compiles"] == warm["compiles"] and end["dynamo_graphs_total"] == warm["dynamo_graphs_total"], (
-        "graphs were compiled after the warm-up")
-    assert end["evictions"] == 0 and end["compiled_call_failures"] == 0 and end["failed_graphs"] == []
-    assert end["recompile_limit_hits"] == []
-    megabytes = [(number, mb) for number, mb, _ in memory]
-    second_half = [sample for sample in megabytes if sample[0] >= SOAK_JOBS // 2]
-    growth, late_growth = growth_per_100_jobs(megabytes), growth_per_100_jobs(second_half)
-    print(f"\nsoak: {SOAK_JOBS} jobs in {soak_s:.0f} s after a {warm_up_s:.0f} s warm-up "
+    run = run_soak(webui, plan, lambda job: webui.post_ok(*job.compiled(init_image)),
+                   lambda job, answer: assert_matches_eager_twin(webui, job, init_image, answer), COMPARE_EVERY)
+    assert len(run.after["graphs"]) == MAX_GRAPHS and run.after["evictions"] == 0
+    print(f"\nsoak: {SOAK_JOBS} jobs in {run.seconds:.0f} s after a {warm_up_s:.0f} s warm-up "
           f"({sum(job.int8 for job in plan)} int8, {sum(job.hires for job in plan)} hires fix, "
           f"{sum(job.img2img for job in plan)} img2img, {sum(job.checkpoint == 'tiny_heads' for job in plan)} "
-          f"tiny_heads, {changes} LoRA changes); graphs {len(end['graphs'])} of {MAX_GRAPHS}, "
-          f"compiled after warm-up: {end['dynamo_graphs_total'] - warm['dynamo_graphs_total']}, "
-          f"LoRA applications {end['lora_applications']}")
-    print(f"resident memory (job, MB, threads): {[(n, round(mb, 1), t) for n, mb, t in memory]}")
-    print(f"growth per 100 jobs: {growth:.1f} MB over the soak, {late_growth:.1f} MB over its second half")
-    print(f"compared with the eager twin: {compared}")
-    assert memory[-1][2] <= memory[0][2] + 2, "the webui's thread count grew: a thread per job is left behind"
-    assert late_growth <= MAX_GROWTH_MB_PER_100_JOBS, f"resident memory keeps growing: {late_growth:.1f} MB/100 jobs"
+          f"tiny_heads, {changes} LoRA changes); graphs {len(run.after['graphs'])} of {MAX_GRAPHS}, "
+          f"compiled after warm-up: {run.graphs_compiled()}, LoRA applications {run.after['lora_applications']}")
+    print(f"compared with the eager twin: {run.compared}")
+    print(assert_memory_levels_off(run.memory, SOAK_JOBS))
 
 
 CLIENTS = 8
@@ -249,45 +203,9 @@ def test_eight_clients_at_once(soak_webui, init_image):
     webui = soak_webui
     requests = concurrent_requests(init_image)
     assert len(requests) == CLIENTS
-    alone = [WebUI.image(webui.post_ok(path, body)) for _, path, body in requests]
+    alone = images_alone(webui, requests)
     graphs_before = webui.status()["dynamo_graphs_total"]
-
-    polls, done = [], threading.Event()
-
-    def poll_status():
-        while not done.is_set():
-            began = time.perf_counter()
-            status, answer = webui.request("/onediff/v1/status", timeout=60)
-            polls.append((status, time.perf_counter() - began, status == 200 and answer["busy"]))
-            time.sleep(0.2)
-
-    def client(index):
-        _, path, body = requests[index]
-        return [webui.request(path, body) for _ in range(ROUNDS)]
-
-    poller = threading.Thread(target=poll_status, daemon=True)
-    poller.start()
-    started = time.time()
-    try:
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            answers = list(pool.map(client, range(CLIENTS)))
-    finally:
-        done.set()
-        poller.join(120)
-    storm_s = time.time() - started
-
-    differences = {}
-    for (name, _, _), image, rounds in zip(requests, alone, answers):
-        for status, answer in rounds:
-            assert status == 200, (name, answer)
-            differences[name] = max(differences.get(name, 0), int(np.abs(WebUI.image(answer) - image).max()))
-    latencies = sorted(latency for _, latency, _ in polls)
-    print(f"\n{CLIENTS} clients x {ROUNDS} requests in {storm_s:.0f} s; largest difference from the same request "
-          f"alone (levels): {differences}")
-    print(f"status route: {len(polls)} answers, {sum(busy for *_, busy in polls)} while busy, latency median "
-          f"{latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
-    assert all(difference == 0 for difference in differences.values()), differences
-    assert all(status == 200 for status, _, _ in polls) and any(busy for *_, busy in polls), polls
+    send_at_once(webui, requests, alone, ROUNDS)
     status = webui.status()
     assert status["busy"] is False and status["compiled_call_failures"] == 0
     assert status["dynamo_graphs_total"] == graphs_before, "a concurrent request compiled a graph"

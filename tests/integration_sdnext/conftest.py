@@ -84,9 +84,15 @@ def _wait_until_generating(server, timeout_s=300):
 
 @pytest.fixture(scope="session")
 def sdnext(tmp_path_factory, sdnext_python, tiny_models):
+    yield from start_sdnext(tmp_path_factory, sdnext_python, tiny_models)
+
+
+def start_sdnext(tmp_path_factory, sdnext_python, tiny_models, name="sdnext-data"):
+    """Start SD.Next with this extension in its own data folder ``name``; yields a :class:`WebUI` once it
+    generates, and stops it after."""
     sdnext_dir = _sdnext_dir()
     models_dir, names = tiny_models
-    data_dir = tmp_path_factory.mktemp("sdnext-data")
+    data_dir = tmp_path_factory.mktemp(name)
     extension = data_dir / "extensions" / EXTENSION_NAME
     extension.parent.mkdir()
     os.symlink(REPO_ROOT, extension)
