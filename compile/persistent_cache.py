@@ -401,7 +401,8 @@ class PersistentCache:
                     return damaged(f"{name} is missing", "a file missing")
                 size = os.path.getsize(file_path)
                 if size != recorded["size"]:
-                    return damaged(f"{name} has {size} bytes, {recorded['size']} expected (truncated?)", "a file truncated")
+                    return damaged(f"{name} has {size} bytes, {recorded['size']} expected (truncated?)",
+                                   "a file truncated")
                 if _sha256(file_path) != recorded["sha256"]:
                     return damaged(f"{name} does not match its recorded SHA-256", "a file altered")
             unlisted = sorted(present - set(files))

@@ -1,11 +1,12 @@
 """Faults and odd inputs around a compiled job in the real webui, through its HTTP API: Interrupt and Skip sent
-while a graph compiles and while compiled sampling runs, and requests the webui answers oddly or at the edges of
-what it takes, each sent with and without the script.
+while a graph compiles and while compiled sampling runs, requests the webui answers oddly or at the edges of
+what it takes, each sent with and without the script, and the compile cache folder deleted or on a full disk.
 
 These tests use a webui of their own (``faults_webui``, its own data and compile cache folders), so the graphs
 they build do not change test_webui_api.py's counts. They run in file order and share its graphs: the tiny UNet
-at 64x64 (batch 1), at 72x56 (built while interrupted), at 64x64 batch 8 (built while skipped) and at a
-~1000-token prompt's context; everything else reuses those.
+at 64x64 (batch 1), at 72x56 (built while interrupted), at 64x64 batch 8 (built while skipped), at a
+~1000-token prompt's context and at 80x64 (after the cache folder was deleted), and tiny_heads' UNet (on the
+full disk); everything else reuses those.
 
 How A1111 (v1.10.1) stops a job: ``/sdapi/v1/interrupt`` and ``/sdapi/v1/skip`` only set a flag. The denoiser
 checks it before each step (``CFGDenoiser.forward`` raises ``InterruptedException``) and the sampler returns its
