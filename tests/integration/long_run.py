@@ -3,6 +3,7 @@ tests/integration_sdnext/test_sdnext_soak.py): a webui's resident memory from ``
 jobs, LoRA changes between jobs, and many clients sending at once while the status route is polled."""
 
 import dataclasses
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,6 @@ STATUS_POLL_S = 0.2
 
 
 def skip_without_proc():
-    import os
-
     if not os.path.exists("/proc/self/status"):
         pytest.skip("the soak reads the webui's memory from /proc (Linux)")
 
